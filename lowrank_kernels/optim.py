@@ -1,0 +1,274 @@
+"""``GaLoreAdamW``: a drop-in for ``galore_torch.GaLoreAdamW`` with safe checkpoints and clear errors."""
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import projection
+from .backends import BACKENDS, step_function
+from .projection import BASIS_SOURCES, MOMENT_KEYS, PROJ_TYPES, STATE_DTYPES
+from .reference import adam_step_size
+
+__all__ = ["GaLoreAdamW"]
+
+# Group keys a projected group gets when it does not set them (galore-torch / HF Trainer defaults).
+PROJECTED_DEFAULTS = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "projector": "svd",
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """Raise ValueError naming the first invalid value; shared by construction and every step."""
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        lr = lr.item() if lr.numel() == 1 else float("nan")
+    if not _is_real(lr) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {group['lr']!r} (must be a finite number >= 0)")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    for i, b in enumerate(betas):
+        if not _is_real(b) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+    if not _is_real(eps) or eps < 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps!r} (must be a finite number >= 0)")
+    if not _is_real(wd) or wd < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a finite number >= 0)")
+    if group.get("state_dtype") not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (must be one of {tuple(STATE_DTYPES)})")
+    if "rank" not in group:
+        return
+    if not _is_int(group["rank"]) or group["rank"] < 1:
+        raise ValueError(f"Invalid rank: {group['rank']!r} (must be an integer >= 1)")
+    gap = group["update_proj_gap"]
+    if not _is_int(gap) or gap < 1:
+        raise ValueError(f"Invalid update_proj_gap: {gap!r} (must be an integer >= 1)")
+    if not _is_real(group["scale"]) or group["scale"] <= 0.0:
+        raise ValueError(f"Invalid scale: {group['scale']!r} (must be a finite number > 0)")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (must be one of {PROJ_TYPES})")
+    if group["projector"] not in BASIS_SOURCES:
+        raise ValueError(f"Invalid projector: {group['projector']!r} (must be one of {tuple(BASIS_SOURCES)})")
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore gradient projection, numerically identical to ``galore_torch.GaLoreAdamW``.
+
+    A param group that carries ``rank`` is projected; its keys (defaults in brackets):
+
+    * ``rank``: the projection rank r, ``1 <= r < min(m, n)`` for every weight in the group.
+    * ``update_proj_gap`` [200]: the basis is recomputed from the gradient at steps 0, T, 2T, ...
+    * ``scale`` [0.25]: multiplies the back-projected update (the effective lr is ``lr * scale``).
+    * ``proj_type`` ["std"]: "std" projects the smaller side, "reverse_std" the larger, or "left",
+      "right", "full" (both sides).
+    * ``projector`` ["svd"]: "svd" is the exact fp32 SVD (galore-identical); "rsvd" a randomized SVD
+      (:func:`lowrank_kernels.rsvd`, oversample 10, 2 power iterations), seeded from ``seed``, the
+      parameter's position and the refresh count, so replicas and resumed runs agree.
+
+    Any group may set ``state_dtype`` [None]: the moments' dtype; None keeps the gradient's dtype
+    (galore-torch), or "float32", "bfloat16", "float16".
+
+    Groups without ``rank`` are plain AdamW under galore-torch's rules: bias correction folded into the
+    step size, ``eps`` added to the uncorrected sqrt(v), decoupled weight decay applied after the update.
+
+    Projected parameters must have at least 2 dimensions; an N-D weight is optimised as the matrix
+    ``(shape[0], prod(shape[1:]))`` (a conv weight: one row per output channel).
+
+    ``backend``: "torch" (the reference, any device), "triton" (fused kernels; CUDA tensors, or CPU under
+    ``TRITON_INTERPRET=1``) or "auto" (kernels for CUDA tensors when triton imports, else the reference).
+
+    A step validates every group and gradient before it changes anything: bad hyperparameters, sparse or
+    complex gradients, and non-finite gradients at a basis refresh raise, leaving weights, moments and
+    bases untouched, so the caller can skip the batch and carry on.
+
+    ``correct_bias`` and ``no_deprecation_warning`` are accepted for drop-in compatibility with
+    galore-torch's constructor; this class emits no deprecation warning.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
+        *,
+        backend: str = "torch",
+        seed: int = 0,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
+        if not _is_int(seed):
+            raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
+        self.backend = backend
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        seed=seed)
+        super().__init__(params, defaults)
+
+    # ---- groups ---------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        # Materialise once: a generator (model.parameters()) must survive the checks below.
+        param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if "rank" in param_group:
+            for key, value in PROJECTED_DEFAULTS.items():
+                param_group.setdefault(key, value)
+        _check_hyperparameters({**self.defaults, **param_group})
+        if "rank" in param_group:
+            for i, item in enumerate(params):
+                name, p = item if isinstance(item, tuple) else (None, item)
+                label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
+                self._check_projectable(p, param_group["rank"], label)
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_projectable(p: torch.Tensor, rank: int, label: str) -> None:
+        if p.dim() < 2:
+            raise ValueError(
+                f"{label} has shape {tuple(p.shape)} but sits in a projected group (rank={rank}): "
+                "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) "
+                "in a group without 'rank'"
+            )
+        if p.is_complex():
+            raise ValueError(f"{label} is complex; GaLoreAdamW supports real parameters only")
+        m, n = projection.matrix_shape(p.shape)
+        if rank >= min(m, n):
+            raise ValueError(
+                f"rank={rank} is too large for {label} of shape {tuple(p.shape)} (as a {m}x{n} matrix): "
+                f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight"
+            )
+
+    # ---- step -----------------------------------------------------------------------------------------
+    def _param_label(self, group: dict, index_in_group: int, p: torch.Tensor) -> str:
+        names = group.get("param_names")
+        if names:
+            return f"parameter {names[index_in_group]!r} (shape {tuple(p.shape)})"
+        flat = next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))
+                    if q is p)
+        return f"parameter #{flat} (shape {tuple(p.shape)})"
+
+    def _plan(self) -> list:
+        """Validate everything a step will touch; return the work list. Mutates nothing."""
+        work = []
+        position = 0
+        for group in self.param_groups:
+            _check_hyperparameters(group)
+            for i, p in enumerate(group["params"]):
+                index, position = position, position + 1
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"GaLoreAdamW does not support sparse gradients "
+                                       f"({self._param_label(group, i, p)}); consider SparseAdam")
+                if grad.is_complex():
+                    raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
+                                       f"({self._param_label(group, i, p)})")
+                refresh = False
+                if "rank" in group:
+                    state = self.state.get(p, {})  # .get: planning must not create state entries
+                    refresh = projection.refresh_due(state, group)
+                    # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
+                    if refresh and not bool(torch.isfinite(grad).all()):
+                        raise RuntimeError(
+                            f"non-finite gradient in {self._param_label(group, i, p)} at a basis refresh "
+                            f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
+                            "(zero_grad) and continue"
+                        )
+                work.append((group, p, index, refresh))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, index, refresh in self._plan():
+            self._step_param(group, p, index, refresh)
+        return loss
+
+    def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        grad = p.grad
+        P = Q = None
+        scale = 1.0
+        weight, write_back = p, None
+        if "rank" in group:
+            m, n = projection.matrix_shape(p.shape)
+            if p.dim() > 2:
+                grad = grad.reshape(m, n)
+                try:
+                    weight = p.view(m, n)
+                except RuntimeError:  # e.g. channels_last conv weight: update a copy, write it back
+                    weight = p.reshape(m, n).clone()
+                    write_back = p
+            side = projection.orientation(group["proj_type"], m, n)
+            if refresh:
+                projection.refresh(state, grad, group, side, group["seed"], index)
+            P, Q = projection.basis_of(state)
+            scale = float(group["scale"])
+            shape = projection.lowrank_shape(side, m, n, group["rank"])
+        else:
+            shape = p.shape
+        if "exp_avg" not in state:
+            dtype = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
+            for key in MOMENT_KEYS:
+                state[key] = torch.zeros(shape, dtype=dtype, device=grad.device)
+        state["step"] += 1
+        step_size = adam_step_size(lr, beta1, beta2, state["step"]) if group["correct_bias"] else lr
+        galore_step = step_function(self.backend, weight)
+        galore_step(weight, grad, P, Q, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
+                    eps=group["eps"], step_size=step_size, scale=scale, lr=lr,
+                    weight_decay=group["weight_decay"])
+        if write_back is not None:
+            write_back.copy_(weight.view_as(write_back))
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader, except that moments kept at an explicit ``state_dtype`` keep that dtype.
+
+        torch.optim casts every floating state tensor to its parameter's dtype and device; that is what we
+        want for bases (the gradient's dtype) and default moments, but it would round fp32 moments of a
+        bf16 weight to bf16.
+        """
+        saved_state = dict(state_dict["state"])
+        kept = {}
+        for group in state_dict["param_groups"]:
+            dtype = STATE_DTYPES.get(group.get("state_dtype"))
+            if dtype is None:
+                continue
+            for idx in group["params"]:
+                if idx in saved_state:
+                    entry = dict(saved_state[idx])
+                    kept[idx] = (dtype, {k: entry.pop(k) for k in MOMENT_KEYS if k in entry})
+                    saved_state[idx] = entry
+        super().load_state_dict({**state_dict, "state": saved_state})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for idx, p in zip(saved_ids, params):
+            if idx in kept:
+                dtype, moments = kept[idx]
+                for key, value in moments.items():
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)

@@ -1,0 +1,77 @@
+"""Build script.
+
+Pure Python by default. The CUDA extension (csrc/: the cuSOLVER/cuBLAS randomized SVD) is built only
+when the torch found at build time has CUDA and a CUDA toolkit is found, which needs
+``pip install --no-build-isolation .`` so the build sees the installed torch.
+
+LOWRANK_KERNELS_BUILD_CUDA=1 forces the CUDA build (and fails loudly if it cannot happen);
+LOWRANK_KERNELS_BUILD_CUDA=0 skips it.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"  # A100, H100/H200; used when no GPU is visible at build time
+
+
+def _cuda_extensions():
+    mode = os.environ.get("LOWRANK_KERNELS_BUILD_CUDA", "auto").strip().lower()
+    if mode in ("0", "false", "no", "off"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if mode in ("1", "true", "yes", "on"):
+            raise RuntimeError(
+                "LOWRANK_KERNELS_BUILD_CUDA=1 but torch is not importable at build time; "
+                "install torch first and use `pip install --no-build-isolation .`"
+            )
+        return [], {}
+    can_build = torch.version.cuda is not None and CUDA_HOME is not None
+    if mode in ("1", "true", "yes", "on"):
+        if not can_build:
+            raise RuntimeError(
+                f"LOWRANK_KERNELS_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and "
+                f"CUDA_HOME={CUDA_HOME!r}: a CUDA build of torch and a CUDA toolkit are both needed"
+            )
+    elif not can_build:
+        return [], {}
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        # cpp_extension indexes an empty arch list when no GPU is visible; give it one.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    sources = sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.c*"))
+    )
+    ext = CUDAExtension(
+        name="lowrank_kernels._C",
+        sources=sources,
+        libraries=["cusolver", "cublas"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="lowrank_kernels",
+    version="0.1.0",
+    description="Fused low-rank projected optimizers (GaLore family) for PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lowrank_kernels", "lowrank_kernels.*"]),
+    python_requires=">=3.9",
+    # Any torch >= 2.4 the user already has is kept; pip installs nothing more for it.
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "numpy"],
+        "peers": ["galore-torch", "transformers", "bitsandbytes"],
+        "bench": ["tqdm", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
