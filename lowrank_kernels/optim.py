@@ -163,15 +163,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     if q is p)
         return f"parameter #{flat} (shape {tuple(p.shape)})"
 
-    def _plan(self) -> list:
-        """Validate everything a step will touch; return the work list. Mutates nothing."""
+    def _plan(self, only: Optional[torch.Tensor] = None) -> list:
+        """Validate everything a step will touch (all parameters, or ``only``); return the work list.
+
+        Mutates nothing, so an error leaves weights and state exactly as they were.
+        """
         work = []
         position = 0
         for group in self.param_groups:
-            _check_hyperparameters(group)
+            if only is None or any(q is only for q in group["params"]):
+                _check_hyperparameters(group)
             for i, p in enumerate(group["params"]):
                 index, position = position, position + 1
-                if p.grad is None:
+                if p.grad is None or (only is not None and p is not only):
                     continue
                 grad = p.grad
                 if grad.is_sparse:
@@ -204,6 +208,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group, p, index, refresh in self._plan():
             self._step_param(group, p, index, refresh)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, param: torch.Tensor) -> None:
+        """Step one parameter (if it has a gradient), with the same checks and rules as :meth:`step`.
+
+        For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
+        settings, e.g. an lr set by a scheduler, apply as usual.
+        """
+        for group, p, index, refresh in self._plan(only=param):
+            self._step_param(group, p, index, refresh)
 
     def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool) -> None:
         state = self.state[p]
