@@ -1,7 +1,8 @@
 """Build script.
 
-Pure Python by default. The CUDA extension (csrc/: the cuSOLVER/cuBLAS randomized SVD) is built only
-when the torch found at build time has CUDA and a CUDA toolkit is found, which needs
+Pure Python by default. The CUDA extension (csrc/: the cuSOLVER/cuBLAS randomized SVD) is built
+only when the torch found at build time has CUDA and a CUDA toolkit is found (cuSOLVER and cuBLAS
+from the toolkit or from the nvidia-* wheels of a pip CUDA torch), which needs
 ``pip install --no-build-isolation .`` so the build sees the installed torch.
 
 LOWRANK_KERNELS_BUILD_CUDA=1 forces the CUDA build (and fails loudly if it cannot happen);
@@ -9,6 +10,7 @@ LOWRANK_KERNELS_BUILD_CUDA=0 skips it.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -42,16 +44,62 @@ def _cuda_extensions():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         # cpp_extension indexes an empty arch list when no GPU is visible; give it one.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    try:
+        libs = _cusolver_cublas(CUDA_HOME)
+    except RuntimeError as exc:
+        if mode in ("1", "true", "yes", "on"):
+            raise
+        print(f"lowrank_kernels: skipping the CUDA extension: {exc}")
+        return [], {}
     sources = sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.c*"))
     )
     ext = CUDAExtension(
         name="lowrank_kernels._C",
         sources=sources,
-        libraries=["cusolver", "cublas"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        **libs,
     )
     return [ext], {"build_ext": BuildExtension}
+
+
+def _cusolver_cublas(cuda_home):
+    """Compile and link arguments for cuSOLVER and cuBLAS (CUDAExtension adds neither).
+
+    A full toolkit has them under CUDA_HOME. A toolkit with only nvcc next to a pip CUDA torch has
+    them in the nvidia-* wheels (nvidia/cu13/... for CUDA 13, nvidia/<lib>/... for CUDA 12), which
+    ship headers and only versioned .so names: those are linked by file name
+    (-l:libcusolver.so.12), and torch preloads the same files at import.
+    """
+    wheel_roots = [os.path.join(p, "nvidia") for p in sys.path]
+
+    def in_wheels(*parts):
+        return sorted(f for root in wheel_roots for f in glob.glob(os.path.join(root, "*", *parts)))
+
+    include_dirs, library_dirs, libraries, link_args = [], [], [], []
+    # ATen's CUDA context header includes cuSPARSE's header too.
+    for header in ("cusolverDn.h", "cublas_v2.h", "cusparse.h"):
+        if not os.path.exists(os.path.join(cuda_home, "include", header)):
+            found = in_wheels("include", header)
+            if not found:
+                raise RuntimeError(f"{header} is in neither {cuda_home}/include nor a wheel")
+            include_dirs.append(os.path.dirname(found[0]))
+    for lib in ("cusolver", "cublas"):
+        if glob.glob(os.path.join(cuda_home, "lib*", f"lib{lib}.so")):
+            libraries.append(lib)
+            continue
+        found = in_wheels("lib", f"lib{lib}.so.*[0-9]")
+        if not found:
+            raise RuntimeError(f"lib{lib}.so is in neither {cuda_home}/lib* nor a nvidia-* wheel")
+        library_dirs.append(os.path.dirname(found[0]))
+        link_args.append(f"-l:{os.path.basename(found[0])}")
+    library_dirs = sorted(set(library_dirs))
+    return {
+        "include_dirs": sorted(set(include_dirs)),
+        "library_dirs": library_dirs,
+        "libraries": libraries,
+        "extra_link_args": link_args + [f"-Wl,-rpath,{d}" for d in library_dirs],
+    }
 
 
 ext_modules, cmdclass = _cuda_extensions()
