@@ -69,13 +69,25 @@ def timeit(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
     return statistics.median(times)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Where and with what a benchmark ran: device, date and versions, for the results files."""
     from lowrank_kernels import __version__, cuda_ext_available
 
     cuda = torch.cuda.is_available()
     env = {
-        "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu {_cpu_name()}",
+        "cpu_threads": torch.get_num_threads(),
         "date": datetime.date.today().isoformat(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S"),
         "torch": torch.__version__,

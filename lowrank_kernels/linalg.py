@@ -24,7 +24,7 @@ import os
 
 import torch
 
-__all__ = ["rsvd", "rsvd_torch", "cuda_ext_available"]
+__all__ = ["rsvd", "rsvd_torch", "svd_from_range", "cuda_ext_available"]
 
 _NS = "lowrank_kernels"
 _lib = torch.library.Library(_NS, "DEF")
@@ -55,6 +55,22 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
+def svd_from_range(A: torch.Tensor, Y: torch.Tensor, k: int, niter: int):
+    """Truncated SVD of A (m x n) from Y (m x w, w >= k), an estimate of A's range.
+
+    Y is orthonormalised, refined by ``niter`` power iterations (each half re-orthonormalised), and the
+    small matrix Q^T A is decomposed exactly (Rayleigh-Ritz). Y comes from a Gaussian sketch (rsvd) or
+    from a previous basis (a warm start).
+    """
+    Q = _orthonormal(Y)
+    for _ in range(niter):
+        Z = _orthonormal(A.T @ Q)
+        Q = _orthonormal(A @ Z)
+    B = Q.T @ A                                      # w x n
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    return Q @ Ub[:, :k], S[:k], Vh[:k].T
+
+
 def _rsvd_single(A: torch.Tensor, k: int, oversample: int, niter: int, seed: int):
     """Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1, on an fp32 m x n matrix."""
     m, n = A.shape
@@ -64,16 +80,7 @@ def _rsvd_single(A: torch.Tensor, k: int, oversample: int, niter: int, seed: int
         A = A.T
         m, n = n, m
     width = min(k + oversample, n)
-    omega = gaussian_test_matrix(n, width, seed, A.device)
-    Q = _orthonormal(A @ omega)                      # range of A, m x width
-    for _ in range(niter):                           # power iterations, re-orthonormalised each half
-        Z = _orthonormal(A.T @ Q)
-        Q = _orthonormal(A @ Z)
-    B = Q.T @ A                                      # width x n
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U = Q @ Ub[:, :k]
-    V = Vh[:k].T
-    S = S[:k]
+    U, S, V = svd_from_range(A, A @ gaussian_test_matrix(n, width, seed, A.device), k, niter)
     if transposed:
         U, V = V, U
     return U.contiguous(), S.contiguous(), V.contiguous()

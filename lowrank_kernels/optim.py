@@ -9,19 +9,11 @@ import torch
 
 from . import projection
 from .backends import BACKENDS, step_function
-from .projection import BASIS_SOURCES, MOMENT_KEYS, PROJ_TYPES, STATE_DTYPES
+from .projection import (BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS, PROJ_TYPES,
+                         PROJECTED_DEFAULTS, RANK_POLICIES, REFRESH_POLICIES, STATE_DTYPES)
 from .reference import adam_step_size
 
 __all__ = ["GaLoreAdamW"]
-
-# Group keys a projected group gets when it does not set them (galore-torch / HF Trainer defaults).
-PROJECTED_DEFAULTS = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "projector": "svd",
-}
-
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -61,8 +53,28 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid scale: {group['scale']!r} (must be a finite number > 0)")
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (must be one of {PROJ_TYPES})")
-    if group["projector"] not in BASIS_SOURCES:
-        raise ValueError(f"Invalid projector: {group['projector']!r} (must be one of {tuple(BASIS_SOURCES)})")
+    for key, choices in (("projector", BASIS_SOURCES), ("rank_policy", RANK_POLICIES),
+                         ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES)):
+        if group[key] not in choices:
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be one of {tuple(choices)})")
+    if group["rank_policy"] == "energy":
+        xi, low, high = group["energy_threshold"], group["min_rank"], group["max_rank"]
+        if not _is_real(xi) or not 0.0 <= xi < 1.0:
+            raise ValueError(f"Invalid energy_threshold: {xi!r} (must be in [0, 1))")
+        if not _is_int(low) or low < 1:
+            raise ValueError(f"Invalid min_rank: {low!r} (must be an integer >= 1)")
+        if high is not None and (not _is_int(high) or high < low):
+            raise ValueError(f"Invalid max_rank: {high!r} (must be None or an integer >= min_rank={low})")
+    if group["refresh_policy"] == "lazy":
+        if not _is_real(group["similarity_threshold"]) or not 0.0 <= group["similarity_threshold"] <= 1.0:
+            raise ValueError(f"Invalid similarity_threshold: {group['similarity_threshold']!r} (must be in [0, 1])")
+        for key in ("patience", "gap_growth"):
+            if not _is_int(group[key]) or group[key] < 1:
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be an integer >= 1)")
+    if group["refresh_policy"] == "converged":
+        tol = group["convergence_tol"]
+        if not _is_real(tol) or tol < 0.0:
+            raise ValueError(f"Invalid convergence_tol: {tol!r} (must be a finite number >= 0)")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -77,7 +89,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
       "right", "full" (both sides).
     * ``projector`` ["svd"]: "svd" is the exact fp32 SVD (galore-identical); "rsvd" a randomized SVD
       (:func:`lowrank_kernels.rsvd`, oversample 10, 2 power iterations), seeded from ``seed``, the
-      parameter's position and the refresh count, so replicas and resumed runs agree.
+      parameter's position and the refresh count, so replicas and resumed runs agree; "warm" one
+      subspace iteration started from the previous basis (rsvd at the first refresh).
+
+    Strategy keys (defaults reproduce galore-torch; see :mod:`lowrank_kernels.projection`):
+
+    * ``rank_policy`` ["fixed"]: or "energy": at each refresh the smallest r with
+      ``||G - G_r||_F <= energy_threshold * ||G||_F`` [0.2], clamped to [``min_rank`` (1), ``max_rank``
+      (None: ``rank``)], from the randomized/exact singular values, no extra SVD.
+    * ``moments_on_refresh`` ["keep"]: "zero" (restart moments and their bias correction) or "rotate"
+      (M <- (P_new^T P_old) M, V <- (P_new^T P_old)^2 V elementwise-squared). All handle rank changes.
+    * ``refresh_policy`` ["fixed"]: "lazy" (after ``patience`` [2] consecutive refreshes whose subspace
+      similarity is >= ``similarity_threshold`` [0.4], the gap grows by ``gap_growth`` [2]) or
+      "converged" (refresh when ||R|| changes by less than ``convergence_tol`` [0.05] relative between
+      steps, at most ``update_proj_gap`` steps apart; one extra projection and host sync per step).
 
     Any group may set ``state_dtype`` [None]: the moments' dtype; None keeps the gradient's dtype
     (galore-torch), or "float32", "bfloat16", "float16".
@@ -129,12 +154,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "rank" in param_group:
             for key, value in PROJECTED_DEFAULTS.items():
                 param_group.setdefault(key, value)
+            for (key, choice), extra in POLICY_DEFAULTS.items():
+                if param_group[key] == choice:
+                    for name, value in extra.items():
+                        param_group.setdefault(name, value)
         _check_hyperparameters({**self.defaults, **param_group})
         if "rank" in param_group:
             for i, item in enumerate(params):
                 name, p = item if isinstance(item, tuple) else (None, item)
                 label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
-                self._check_projectable(p, param_group["rank"], label)
+                self._check_projectable(p, projection.max_rank(param_group), label)
         super().add_param_group(param_group)
 
     @staticmethod
@@ -184,10 +213,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if grad.is_complex():
                     raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
                                        f"({self._param_label(group, i, p)})")
-                refresh = False
+                refresh, updates = False, {}
                 if "rank" in group:
                     state = self.state.get(p, {})  # .get: planning must not create state entries
-                    refresh = projection.refresh_due(state, group)
+                    grad2d = grad.reshape(projection.matrix_shape(p.shape))
+                    refresh, updates = projection.refresh_due(state, group, grad2d)
                     # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
                     if refresh and not bool(torch.isfinite(grad).all()):
                         raise RuntimeError(
@@ -195,7 +225,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                             f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
                             "(zero_grad) and continue"
                         )
-                work.append((group, p, index, refresh))
+                work.append((group, p, index, refresh, updates))
         return work
 
     @torch.no_grad()
@@ -205,8 +235,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, index, refresh in self._plan():
-            self._step_param(group, p, index, refresh)
+        for work in self._plan():
+            self._step_param(*work)
         return loss
 
     @torch.no_grad()
@@ -216,11 +246,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
         settings, e.g. an lr set by a scheduler, apply as usual.
         """
-        for group, p, index, refresh in self._plan(only=param):
-            self._step_param(group, p, index, refresh)
+        for work in self._plan(only=param):
+            self._step_param(*work)
 
-    def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool) -> None:
+    def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool, updates: dict) -> None:
         state = self.state[p]
+        state.update(updates)
         if "step" not in state:
             state["step"] = 0
         beta1, beta2 = group["betas"]
@@ -243,7 +274,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 projection.refresh(state, grad, group, side, group["seed"], index)
             P, Q = projection.basis_of(state)
             scale = float(group["scale"])
-            shape = projection.lowrank_shape(side, m, n, group["rank"])
+            shape = projection.lowrank_shape(side, m, n, state["rank"])
         else:
             shape = p.shape
         if "exp_avg" not in state:
@@ -251,7 +282,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for key in MOMENT_KEYS:
                 state[key] = torch.zeros(shape, dtype=dtype, device=grad.device)
         state["step"] += 1
-        step_size = adam_step_size(lr, beta1, beta2, state["step"]) if group["correct_bias"] else lr
+        # Bias correction counts the moments' own steps: the "zero" moments rule restarts them.
+        moment_steps = state["step"] - state.get("moment_start", 0)
+        step_size = adam_step_size(lr, beta1, beta2, moment_steps) if group["correct_bias"] else lr
         galore_step = step_function(self.backend, weight)
         galore_step(weight, grad, P, Q, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
                     eps=group["eps"], step_size=step_size, scale=scale, lr=lr,

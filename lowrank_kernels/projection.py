@@ -1,19 +1,24 @@
 """The projection bases: orientation, where a basis comes from, when it is refreshed, and what a refresh
 does to the rest of the state.
 
-Each strategy axis of the design brief is a small registry of plain functions keyed by name, so a new
-method (a new basis source, refresh rule, moments rule, rank rule) is one function and one entry:
+Each strategy axis of the design brief is a small registry of plain functions keyed by a group key, so
+a new method is one function and one entry (defaults are galore-torch's):
 
-1. basis source     ``BASIS_SOURCES``      (group key ``projector``): "svd" (exact, galore-torch), "rsvd"
-2. refresh policy   ``REFRESH_POLICIES``   "fixed": every ``update_proj_gap`` steps (galore-torch)
-3. moments at switch ``MOMENT_RULES``      "keep": moments stay as they are (galore-torch)
-4. rank policy      ``RANK_POLICIES``      "fixed": the group's ``rank``
-5. output map       the step math in reference.py (``P N``)
-6. state precision  ``STATE_DTYPES``       (group key ``state_dtype``): None keeps the gradient's dtype
+1. basis source      ``BASIS_SOURCES``    ``projector``: "svd" (exact), "rsvd" (randomized), "warm"
+                                          (subspace iteration started from the previous basis)
+2. refresh policy    ``REFRESH_POLICIES`` ``refresh_policy``: "fixed" (every ``update_proj_gap`` steps),
+                                          "lazy" (stretch the gap while bases agree), "converged"
+                                          (when the projected gradient stops changing)
+3. moments at switch ``MOMENT_RULES``     ``moments_on_refresh``: "keep", "zero", "rotate"
+4. rank policy       ``RANK_POLICIES``    ``rank_policy``: "fixed" (``rank``), "energy" (smallest rank
+                                          leaving at most ``energy_threshold`` of ||G||_F unexplained)
+5. output map        the step math in reference.py (``P N``)
+6. state precision   ``STATE_DTYPES``     ``state_dtype``: None keeps the gradient's dtype
 
-The basis of a projected parameter lives in its optimizer state as plain tensors: ``proj_left`` (P, m x r)
-and/or ``proj_right`` (Q, n x r; galore-torch keeps Q^T), plus the integer ``refreshes``. Nothing in the state is a Python object,
-so checkpoints load with ``torch.load(weights_only=True)``.
+A projected parameter's state holds plain tensors and numbers only: ``proj_left`` (P, m x r) and/or
+``proj_right`` (Q, n x r; galore-torch keeps Q^T), ``rank`` (the current r), ``refreshes``,
+``last_refresh`` (the step of the latest refresh) and the few counters a policy keeps. Checkpoints
+therefore load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -22,12 +27,31 @@ from typing import Callable, Optional
 
 import torch
 
-from .linalg import rsvd
+from .linalg import gaussian_test_matrix, rsvd, svd_from_range
+from .reference import project
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 BASIS_KEYS = ("proj_left", "proj_right")
 STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OVERSAMPLE = 10  # extra sketch columns of the randomized sources (Halko et al.'s p)
+
+# Keys of projected groups, with galore-torch's / HF Trainer's defaults and ours for the additions.
+PROJECTED_DEFAULTS = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "projector": "svd",
+    "rank_policy": "fixed",
+    "moments_on_refresh": "keep",
+    "refresh_policy": "fixed",
+}
+# Keys a policy reads, with defaults; added to a group only when that policy is chosen.
+POLICY_DEFAULTS = {
+    ("rank_policy", "energy"): {"energy_threshold": 0.2, "min_rank": 1, "max_rank": None},
+    ("refresh_policy", "lazy"): {"similarity_threshold": 0.4, "patience": 2, "gap_growth": 2},
+    ("refresh_policy", "converged"): {"convergence_tol": 0.05},
+}
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int]:
@@ -58,43 +82,172 @@ def lowrank_shape(side: str, m: int, n: int, r: int) -> tuple[int, int]:
     return {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
 
 
-# ---- 1. basis sources: fp32 gradient -> (U m x r, V n x r) --------------------------------------------
-def _svd_factors(G: torch.Tensor, r: int, seed: int):
-    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    return U[:, :r], Vh[:r].T
-
-
-def _rsvd_factors(G: torch.Tensor, r: int, seed: int):
-    U, _, V = rsvd(G, r, seed=seed)
-    return U, V
-
-
-BASIS_SOURCES: dict[str, Callable] = {"svd": _svd_factors, "rsvd": _rsvd_factors}
-
-
-# ---- 2. refresh policies: is a new basis due before this step? -----------------------------------------
-def _fixed_gap(state: dict, group: dict) -> bool:
-    # galore-torch refreshes on the pre-increment step count: steps 0, T, 2T, ...
-    return "refreshes" not in state or state["step"] % group["update_proj_gap"] == 0
-
-
-REFRESH_POLICIES: dict[str, Callable] = {"fixed": _fixed_gap}
-
-
-# ---- 3. moments at a switch ---------------------------------------------------------------------------
-def _keep_moments(state: dict, old_basis: dict, new_basis: dict) -> None:
-    """galore-torch: moments accumulated in the old basis carry on unchanged in the new one."""
-
-
-MOMENT_RULES: dict[str, Callable] = {"keep": _keep_moments}
-
-
-# ---- 4. rank policies ---------------------------------------------------------------------------------
-def _fixed_rank(group: dict, m: int, n: int) -> int:
+def max_rank(group: dict) -> int:
+    """The largest rank a group's policy can choose (what the constructor checks against min(m, n))."""
+    if group["rank_policy"] == "energy":
+        return group["max_rank"] if group["max_rank"] is not None else group["rank"]
     return group["rank"]
 
 
-RANK_POLICIES: dict[str, Callable] = {"fixed": _fixed_rank}
+# ---- 1. basis sources: fp32 G, k, seed, previous basis -> (U m x k, S k, V n x k) ----------------------
+def _svd_source(G, k, seed, side, previous):
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    return U[:, :k], S[:k], Vh[:k].T
+
+
+def _rsvd_source(G, k, seed, side, previous):
+    return rsvd(G, k, oversample=OVERSAMPLE, seed=seed)
+
+
+def _warm_source(G, k, seed, side, previous, niter: int = 1):
+    """One subspace iteration started from the previous basis instead of a fresh Gaussian sketch.
+
+    The previous basis already spans most of the new dominant subspace when gradients drift slowly, so
+    one power iteration (versus rsvd's two on a random start) refines it. Seeded Gaussian columns pad
+    the start up to k + OVERSAMPLE, so the rank may grow. Without a previous basis this is rsvd.
+    """
+    start = previous.get("proj_left") if side != "right" else previous.get("proj_right")
+    if start is None:
+        return _rsvd_source(G, k, seed, side, previous)
+    A = G if side != "right" else G.T  # the side whose basis we refine is A's range
+    width = min(k + OVERSAMPLE, *A.shape)
+    Y = start.float()[:, :width]
+    if Y.shape[1] < width:
+        extra = A @ gaussian_test_matrix(A.shape[1], width - Y.shape[1], seed, A.device)
+        Y = torch.cat([Y, extra], dim=1)
+    U, S, V = svd_from_range(A, Y, k, niter)
+    return (U, S, V) if side != "right" else (V, S, U)
+
+
+BASIS_SOURCES: dict[str, Callable] = {"svd": _svd_source, "rsvd": _rsvd_source, "warm": _warm_source}
+
+
+# ---- 2. refresh policies ------------------------------------------------------------------------------
+# ``due(state, group, grad, P, Q) -> (refresh?, state updates for this step)`` decides before the step and
+# changes nothing; ``after(state, group, old, new)`` runs after a refresh has installed the new basis.
+def _fixed_due(state, group, grad, P, Q):
+    # galore-torch refreshes on the pre-increment step count: steps 0, T, 2T, ...
+    return "refreshes" not in state or state["step"] % group["update_proj_gap"] == 0, {}
+
+
+def _lazy_due(state, group, grad, P, Q):
+    if "refreshes" not in state:
+        return True, {}
+    return state["step"] - state["last_refresh"] >= state.get("gap", group["update_proj_gap"]), {}
+
+
+def subspace_similarity(old: torch.Tensor, new: torch.Tensor) -> float:
+    """||old^T new||_F^2 / r in [0, 1]: the mean squared cosine of the principal angles.
+
+    Q-GaLore compares only the first singular vector with a signed cosine, which an SVD sign flip hides;
+    this measure sees the whole subspace and is sign-free.
+    """
+    r = min(old.shape[1], new.shape[1])
+    return float((old.float().T @ new.float()).square().sum() / r)
+
+
+def _lazy_after(state, group, old, new):
+    key = "proj_left" if "proj_left" in new else "proj_right"
+    if key not in old:
+        return
+    similar = subspace_similarity(old[key], new[key]) >= group["similarity_threshold"]
+    streak = state.get("streak", 0) + 1 if similar else 0
+    gap = state.get("gap", group["update_proj_gap"])
+    if streak >= group["patience"]:
+        gap, streak = gap * group["gap_growth"], 0
+    state["gap"], state["streak"] = gap, streak
+
+
+def _converged_due(state, group, grad, P, Q):
+    """Refresh when ||R|| changed by less than ``convergence_tol`` (relative) since the previous step, or
+    after ``update_proj_gap`` steps at most. Costs one extra projection and a host sync per step."""
+    if "refreshes" not in state:
+        return True, {}
+    if state["step"] - state["last_refresh"] >= group["update_proj_gap"]:
+        return True, {}
+    norm = float(torch.linalg.norm(project(grad, P, Q).float()))
+    previous = state.get("proj_norm")
+    if previous is not None and abs(norm - previous) <= group["convergence_tol"] * previous:
+        return True, {}
+    return False, {"proj_norm": norm}
+
+
+def _no_after(state, group, old, new):
+    pass
+
+
+REFRESH_POLICIES: dict[str, tuple[Callable, Callable]] = {
+    "fixed": (_fixed_due, _no_after),
+    "lazy": (_lazy_due, _lazy_after),
+    "converged": (_converged_due, _no_after),
+}
+
+
+# ---- 3. moments at a switch: (state, old basis, new basis) -> None, in place on state ------------------
+def _resize(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The leading block of ``t`` in a zero tensor of ``shape`` (rank changed, coordinates kept)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    out = t.new_zeros(shape)
+    rows, cols = min(t.shape[0], shape[0]), min(t.shape[1], shape[1])
+    out[:rows, :cols] = t[:rows, :cols]
+    return out
+
+
+def _keep_moments(state, old, new, shape):
+    """galore-torch: moments carry on unchanged in the new basis (their shape follows a new rank)."""
+    for key in MOMENT_KEYS:
+        state[key] = _resize(state[key], shape)
+
+
+def _zero_moments(state, old, new, shape):
+    """FRUGAL: restart the moments, and their bias correction, at every switch."""
+    for key in MOMENT_KEYS:
+        state[key] = state[key].new_zeros(shape)
+    state["moment_start"] = state["step"]
+
+
+def _rotate_moments(state, old, new, shape):
+    """AdaRankGrad: express the moments in the new basis.
+
+    With T = P_new^T P_old (left; r_new x r_old), M <- T M. The second moment is a per-coordinate
+    variance, so it is carried as the variance of the rotated coordinates under independence:
+    V <- (T * T) V, which stays non-negative (rotating V like M could make it negative). Right-side
+    bases act from the right (M <- M T^T with T = Q_new^T Q_old); "full" applies both.
+    """
+    m = state["exp_avg"].float()
+    v = state["exp_avg_sq"].float()
+    if "proj_left" in new:
+        T = new["proj_left"].float().T @ old["proj_left"].float()
+        m, v = T @ m, T.square() @ v
+    if "proj_right" in new:
+        T = new["proj_right"].float().T @ old["proj_right"].float()
+        m, v = m @ T.T, v @ T.square().T
+    state["exp_avg"] = m.to(state["exp_avg"].dtype)
+    state["exp_avg_sq"] = v.to(state["exp_avg_sq"].dtype)
+
+
+MOMENT_RULES: dict[str, Callable] = {"keep": _keep_moments, "zero": _zero_moments, "rotate": _rotate_moments}
+
+
+# ---- 4. rank policies: (group, singular values, ||G||_F^2) -> rank -------------------------------------
+def _fixed_rank(group, S, total_sq):
+    return group["rank"]
+
+
+def _energy_rank(group, S, total_sq):
+    """Smallest r with ||G - G_r||_F <= xi ||G||_F, i.e. total - sum_{i<=r} s_i^2 <= xi^2 total.
+
+    ``S`` holds the top max_rank singular values (randomized ones may slightly underestimate, which can
+    only make the chosen rank larger); clamped to [min_rank, max_rank].
+    """
+    residual = total_sq - torch.cumsum(S.double().square(), 0)
+    within = (residual <= group["energy_threshold"] ** 2 * total_sq).nonzero()
+    r = int(within[0]) + 1 if len(within) else len(S)
+    return min(max(r, group["min_rank"]), max_rank(group))
+
+
+RANK_POLICIES: dict[str, Callable] = {"fixed": _fixed_rank, "energy": _energy_rank}
 
 
 # ---- refresh ------------------------------------------------------------------------------------------
@@ -108,39 +261,46 @@ def refresh_seed(base_seed: int, param_index: int, refresh_count: int) -> int:
     return int.from_bytes(digest, "little") >> 2  # fits a signed int64 op argument
 
 
-def refresh_due(state: dict, group: dict) -> bool:
-    return REFRESH_POLICIES["fixed"](state, group)
+def refresh_due(state: dict, group: dict, grad2d: torch.Tensor) -> tuple[bool, dict]:
+    """Is a new basis due before this step? Returns (due, state updates to apply if the step runs)."""
+    P, Q = basis_of(state)
+    return REFRESH_POLICIES[group["refresh_policy"]][0](state, group, grad2d, P, Q)
 
 
-def compute_basis(grad2d: torch.Tensor, side: str, rank: int, source: str, seed: int) -> dict:
-    """New basis tensors for ``side`` from the gradient, in the gradient's dtype (as galore-torch keeps it).
+def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previous: dict) -> dict:
+    """New basis tensors for ``side`` in the gradient's dtype (as galore-torch keeps it), and the rank.
 
     The factorisation runs in fp32 whatever the gradient's dtype.
     """
-    U, V = BASIS_SOURCES[source](grad2d.float(), rank, seed)
+    G = grad2d.float()
+    U, S, V = BASIS_SOURCES[group["projector"]](G, max_rank(group), seed, side, previous)
+    total_sq = float(G.double().square().sum()) if group["rank_policy"] == "energy" else 0.0
+    r = RANK_POLICIES[group["rank_policy"]](group, S, total_sq)
     # Owned copies: a slice of the full SVD would keep (and checkpoint) the whole factor's storage. P keeps
     # its layout (LAPACK's U is column-major, as galore-torch's P is) and Q is row-major n x r (the layout
     # of galore-torch's Vh[:r].T), so the projection GEMMs round exactly as galore-torch's do.
-    basis = {}
+    basis = {"rank": r}
     if side in ("left", "full"):
-        basis["proj_left"] = U.to(grad2d.dtype).clone()
+        basis["proj_left"] = U[:, :r].to(grad2d.dtype).clone()
     if side in ("right", "full"):
-        basis["proj_right"] = V.to(grad2d.dtype).clone(memory_format=torch.contiguous_format)
+        basis["proj_right"] = V[:, :r].to(grad2d.dtype).clone(memory_format=torch.contiguous_format)
     return basis
 
 
 def refresh(state: dict, grad2d: torch.Tensor, group: dict, side: str, base_seed: int,
             param_index: int) -> None:
-    """Recompute the basis from ``grad2d`` and apply the group's moments rule; mutates ``state``."""
+    """Recompute the basis from ``grad2d``, then apply the group's moments rule; mutates ``state``."""
     m, n = grad2d.shape
     count = state.get("refreshes", 0)
-    rank = RANK_POLICIES["fixed"](group, m, n)
-    seed = refresh_seed(base_seed, param_index, count)
-    new_basis = compute_basis(grad2d, side, rank, group["projector"], seed)
-    old_basis = {k: state[k] for k in BASIS_KEYS if k in state}
-    MOMENT_RULES["keep"](state, old_basis, new_basis)
-    state.update(new_basis)
+    old = {k: state[k] for k in BASIS_KEYS if k in state}
+    new = compute_basis(grad2d, side, group, refresh_seed(base_seed, param_index, count), old)
+    if old and "exp_avg" in state:
+        MOMENT_RULES[group["moments_on_refresh"]](state, old, new, lowrank_shape(side, m, n, new["rank"]))
+    state.update(new)
     state["refreshes"] = count + 1
+    state["last_refresh"] = state["step"]
+    state.pop("proj_norm", None)  # the converged policy measures afresh in the new basis
+    REFRESH_POLICIES[group["refresh_policy"]][1](state, group, old, new)
 
 
 def basis_of(state: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
