@@ -1,0 +1,120 @@
+"""Kernel (b): the back-projection GEMM with the weight update in its epilogue, in place on W.
+
+U = P N (left) or N Q^T (right) is accumulated in fp32 tile by tile; the W tile is then updated in fp32
+in galore-torch's order and rounded once to W's dtype at the store:
+
+    w <- w - (step_size * scale) * u;   then, if weight decay is on, w <- w + w * (-lr * wd)
+
+The full-size update U is never written to memory: W is read once and written once, which (with the
+gradient read once by kernel (a)) is the three-pass bandwidth floor of a projected step. As in kernel (a),
+the product is a generic C = A B through strides: left A = P, B = N; right A = N, B = Q^T (Q's strides
+swapped).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._device import round_to
+
+
+@triton.jit
+def _backproject_update_kernel(
+    w_ptr, a_ptr, b_ptr,
+    I, J, K,
+    stride_wi, stride_wj, stride_ai, stride_ak, stride_bk, stride_bj,
+    alpha, decay,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
+    HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    # Grouped tile order: GROUP_I row-blocks share each column panel of B while it is in L2.
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(I, BLOCK_I)
+    tiles_j = tl.cdiv(J, BLOCK_J)
+    per_group = GROUP_I * tiles_j
+    first_i = (pid // per_group) * GROUP_I
+    group_rows = tl.minimum(tiles_i - first_i, GROUP_I)
+    pid_i = first_i + (pid % per_group) % group_rows
+    pid_j = (pid % per_group) // group_rows
+
+    # int64 offsets: a large weight (an embedding) has more than 2^31 elements.
+    offs_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
+    offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_i = offs_i < I
+    mask_j = offs_j < J
+    a_ptrs = a_ptr + offs_i[:, None] * stride_ai + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
+
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_j[None, :], other=0.0)
+        if INTERPRETER:  # its bf16 dot is wrong; fp32 products of 16-bit values are exact
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = mask_i[:, None] & mask_j[None, :]
+    w_ptrs = w_ptr + offs_i[:, None] * stride_wi + offs_j[None, :] * stride_wj
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w = w - alpha * acc
+    if HAS_DECAY:
+        w = w + w * decay
+    tl.store(w_ptrs, round_to(w, w_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+
+
+def backproject_update(param: torch.Tensor, N: torch.Tensor, P: Optional[torch.Tensor],
+                       Q: Optional[torch.Tensor], *, step_size: float, scale: float, lr: float,
+                       weight_decay: float) -> None:
+    """W <- W - step_size * scale * (P N | N Q^T), then galore's decoupled decay; in place on ``param``.
+
+    Exactly one of P (left, N is r x n) or Q (right, N is m x r). ``param`` may have any strides and may
+    differ in dtype from N and the basis (which share one dtype).
+    """
+    if (P is None) == (Q is None):
+        raise ValueError("backproject_update projects one side: pass exactly one of P (left) or Q (right)")
+    basis = P if P is not None else Q
+    _launch.check_devices(param=param, N=N, basis=basis)
+    for name, t in (("param", param), ("N", N), ("basis", basis)):
+        _launch.check_float(name, t)
+    if param.dim() != 2 or N.dim() != 2 or basis.dim() != 2:
+        raise ValueError(f"param, N and basis must be 2-D, got shapes {tuple(param.shape)}, "
+                         f"{tuple(N.shape)} and {tuple(basis.shape)}")
+    if basis.dtype != N.dtype:
+        raise TypeError(f"N dtype {N.dtype} differs from the basis's {basis.dtype}")
+    m, n = param.shape
+    r = basis.shape[1]
+    if P is not None:
+        _launch.check_shape("P", P, (m, r))
+        _launch.check_shape("N", N, (r, n))
+        a, sa_i, sa_k = P, P.stride(0), P.stride(1)
+        b, sb_k, sb_j = N, N.stride(0), N.stride(1)
+    else:
+        _launch.check_shape("Q", Q, (n, r))
+        _launch.check_shape("N", N, (m, r))
+        a, sa_i, sa_k = N, N.stride(0), N.stride(1)
+        b, sb_k, sb_j = Q, Q.stride(1), Q.stride(0)  # B = Q^T, read through swapped strides
+    if param.numel() == 0:
+        return
+    cfg = _launch.gemm_config(m, n, r, N.dtype, param.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_I"]) * triton.cdiv(n, cfg["BLOCK_J"]),)
+    with _launch.on_device(param.device):
+        _backproject_update_kernel[grid](
+            param, a, b,
+            m, n, r,
+            param.stride(0), param.stride(1), sa_i, sa_k, sb_k, sb_j,
+            step_size * scale, -lr * weight_decay,
+            # whether decay applies is structural (galore skips it at wd == 0); its value stays runtime
+            HAS_DECAY=weight_decay > 0.0,
+            PRECISION=_launch.dot_precision(N.dtype),
+            INTERPRETER=_launch.interpreted(_backproject_update_kernel),
+            **cfg,
+        )

@@ -1,0 +1,135 @@
+"""Kernel (a): the projection GEMM with the Adam moment update in its epilogue.
+
+R = P^T G (left, P m x r) or R = G Q (right, Q n x r) is computed tile by tile with fp32 accumulation;
+each finished R tile updates its tile of the moments in place and writes N = M / (sqrt(V) + eps):
+
+    M <- b1 M + (1 - b1) R;   V <- b2 V + (1 - b2) R^2;   N = M / (sqrt(V) + eps)
+
+The kernel sees one generic product C = A B with A (I x K) and B (K x J) given by pointer and strides:
+left is A = P^T (P's strides swapped, no transpose materialised), B = G; right is A = G, B = Q. The whole
+reduction runs in one program per output tile: split-K would apply the nonlinear epilogue to partial sums.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._device import round_to
+
+
+@triton.jit
+def _project_adam_kernel(
+    a_ptr, b_ptr, m_ptr, v_ptr, n_ptr,
+    I, J, K,
+    stride_ai, stride_ak, stride_bk, stride_bj,
+    stride_mi, stride_mj, stride_vi, stride_vj, stride_ni, stride_nj,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    # Grouped tile order: GROUP_I row-blocks share each column panel of B while it is in L2.
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(I, BLOCK_I)
+    tiles_j = tl.cdiv(J, BLOCK_J)
+    per_group = GROUP_I * tiles_j
+    first_i = (pid // per_group) * GROUP_I
+    group_rows = tl.minimum(tiles_i - first_i, GROUP_I)
+    pid_i = first_i + (pid % per_group) % group_rows
+    pid_j = (pid % per_group) // group_rows
+
+    # int64 offsets: a large weight (an embedding) has more than 2^31 elements.
+    offs_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
+    offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_i = offs_i < I
+    mask_j = offs_j < J
+    a_ptrs = a_ptr + offs_i[:, None] * stride_ai + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
+
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_j[None, :], other=0.0)
+        if INTERPRETER:  # its bf16 dot is wrong; fp32 products of 16-bit values are exact
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # R is defined in the gradient's dtype (galore-torch's P^T G returns it so): round once, then do the
+    # moment math in fp32 whatever dtype the moments are stored in.
+    r = round_to(acc, n_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+    mask = mask_i[:, None] & mask_j[None, :]
+    m_ptrs = m_ptr + offs_i[:, None] * stride_mi + offs_j[None, :] * stride_mj
+    v_ptrs = v_ptr + offs_i[:, None] * stride_vi + offs_j[None, :] * stride_vj
+    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    m = round_to(beta1 * m + one_minus_beta1 * r, m_ptr.dtype.element_ty, INTERPRETER)
+    v = round_to(beta2 * v + one_minus_beta2 * r * r, v_ptr.dtype.element_ty, INTERPRETER)
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
+    # N comes from the moments as stored, like galore-torch's: with fp16 moments a small R^2 underflows
+    # V to 0 and N = M / eps, and a step computed from the unrounded V would be a different step.
+    n = m.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps)
+    n_ptrs = n_ptr + offs_i[:, None] * stride_ni + offs_j[None, :] * stride_nj
+    tl.store(n_ptrs, round_to(n, n_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+
+
+def project_adam(grad: torch.Tensor, P: Optional[torch.Tensor], Q: Optional[torch.Tensor],
+                 exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float, beta2: float,
+                 eps: float) -> torch.Tensor:
+    """Project ``grad`` with exactly one of P (left) or Q (right), update the moments in place, return N.
+
+    N has the low-rank shape (r x n left, m x r right) and the gradient's dtype; the moments may have any
+    float dtype and strides. ``grad``, P and Q are read through their strides: a non-contiguous gradient
+    (a transposed or sliced view) costs nothing extra, and copying it would add a full-size pass.
+    """
+    if (P is None) == (Q is None):
+        raise ValueError("project_adam projects one side: pass exactly one of P (left) or Q (right)")
+    basis = P if P is not None else Q
+    _launch.check_devices(grad=grad, basis=basis, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    for name, t in (("grad", grad), ("basis", basis), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _launch.check_float(name, t)
+    if grad.dim() != 2 or basis.dim() != 2:
+        raise ValueError(f"grad and basis must be 2-D, got {tuple(grad.shape)} and {tuple(basis.shape)}")
+    if basis.dtype != grad.dtype:
+        raise TypeError(f"basis dtype {basis.dtype} differs from the gradient's {grad.dtype}")
+    m, n = grad.shape
+    r = basis.shape[1]
+    if P is not None:
+        _launch.check_shape("P", P, (m, r))
+        I, J, K = r, n, m
+        a, sa_i, sa_k = P, P.stride(1), P.stride(0)  # A = P^T, read through swapped strides
+        b, sb_k, sb_j = grad, grad.stride(0), grad.stride(1)
+    else:
+        _launch.check_shape("Q", Q, (n, r))
+        I, J, K = m, r, n
+        a, sa_i, sa_k = grad, grad.stride(0), grad.stride(1)
+        b, sb_k, sb_j = Q, Q.stride(0), Q.stride(1)
+    _launch.check_shape("exp_avg", exp_avg, (I, J))
+    _launch.check_shape("exp_avg_sq", exp_avg_sq, (I, J))
+    N = torch.empty((I, J), dtype=grad.dtype, device=grad.device)
+    if N.numel() == 0:
+        return N
+    cfg = _launch.gemm_config(I, J, K, grad.dtype, grad.device)
+    grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]),)
+    with _launch.on_device(grad.device):
+        _project_adam_kernel[grid](
+            a, b, exp_avg, exp_avg_sq, N,
+            I, J, K,
+            sa_i, sa_k, sb_k, sb_j,
+            exp_avg.stride(0), exp_avg.stride(1), exp_avg_sq.stride(0), exp_avg_sq.stride(1),
+            N.stride(0), N.stride(1),
+            # 1 - beta in double, then rounded: 1 - fp32(0.999) in the kernel would be 1.3e-5 off
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            PRECISION=_launch.dot_precision(grad.dtype),
+            INTERPRETER=_launch.interpreted(_project_adam_kernel),
+            **cfg,
+        )
+    return N
