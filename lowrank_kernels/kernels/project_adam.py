@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._device import round_to
+from ._device import round_to, tile_matmul
 
 
 @triton.jit
@@ -31,41 +31,13 @@ def _project_adam_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_I row-blocks share each column panel of B while it is in L2.
-    pid = tl.program_id(0)
-    tiles_i = tl.cdiv(I, BLOCK_I)
-    tiles_j = tl.cdiv(J, BLOCK_J)
-    per_group = GROUP_I * tiles_j
-    first_i = (pid // per_group) * GROUP_I
-    group_rows = tl.minimum(tiles_i - first_i, GROUP_I)
-    pid_i = first_i + (pid % per_group) % group_rows
-    pid_j = (pid % per_group) // group_rows
-
-    # int64 offsets: a large weight (an embedding) has more than 2^31 elements.
-    offs_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
-    offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    mask_i = offs_i < I
-    mask_j = offs_j < J
-    a_ptrs = a_ptr + offs_i[:, None] * stride_ai + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
-
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_j[None, :], other=0.0)
-        if INTERPRETER:  # its bf16 dot is wrong; fp32 products of 16-bit values are exact
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc, offs_i, offs_j = tile_matmul(a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
+                                      BLOCK_I, BLOCK_J, BLOCK_K, GROUP_I, PRECISION, INTERPRETER)
+    mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
 
     # R is defined in the gradient's dtype (galore-torch's P^T G returns it so): round once, then do the
     # moment math in fp32 whatever dtype the moments are stored in.
     r = round_to(acc, n_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
-    mask = mask_i[:, None] & mask_j[None, :]
     m_ptrs = m_ptr + offs_i[:, None] * stride_mi + offs_j[None, :] * stride_mj
     v_ptrs = v_ptr + offs_i[:, None] * stride_vi + offs_j[None, :] * stride_vj
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
