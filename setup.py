@@ -117,9 +117,13 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "numpy"],
-        "peers": ["galore-torch", "transformers", "bitsandbytes"],
+        # galore-torch needs transformers and bitsandbytes to import; the HF Trainer needs accelerate.
+        "peers": ["galore-torch", "transformers", "bitsandbytes", "accelerate"],
+        "demo": ["tqdm", "matplotlib"],
         "bench": ["tqdm", "matplotlib"],
     },
+    package_data={"lowrank_kernels.demo": ["data/*.txt", "data/README.md"]},
+    entry_points={"console_scripts": ["lowrank-demo = lowrank_kernels.demo.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

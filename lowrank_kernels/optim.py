@@ -219,7 +219,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     grad2d = grad.reshape(projection.matrix_shape(p.shape))
                     refresh, updates = projection.refresh_due(state, group, grad2d)
                     # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
-                    if refresh and not bool(torch.isfinite(grad).all()):
+                    # (Meta tensors, used to size state without data, have no values to check.)
+                    if refresh and grad.device.type != "meta" and not bool(torch.isfinite(grad).all()):
                         raise RuntimeError(
                             f"non-finite gradient in {self._param_label(group, i, p)} at a basis refresh "
                             f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
