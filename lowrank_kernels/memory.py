@@ -15,8 +15,6 @@ from typing import Iterable
 
 import torch
 
-from . import projection
-from .projection import MOMENT_KEYS, STATE_DTYPES, lowrank_shape, matrix_shape, orientation
 
 __all__ = ["state_bytes", "init_state", "gradient_bytes", "tensor_bytes"]
 
@@ -56,30 +54,21 @@ def gradient_bytes(params: Iterable[torch.Tensor], layerwise: bool = False) -> i
 def init_state(optimizer) -> None:
     """Give a GaLoreAdamW on ``meta`` parameters the state its first step creates, without arithmetic.
 
-    The basis entries come from the optimizer's own refresh (``projection.refresh``) run on a meta
-    gradient: an SVD of a meta tensor only computes shapes. The moments are created as
-    ``GaLoreAdamW._step_param`` creates them: ``state_dtype`` or the gradient's dtype (the parameter's),
-    at the low-rank shape. tests/test_memory.py compares the result with a real step.
+    It is the optimizer's own first step, run on meta gradients: every op (the SVD included) only computes
+    shapes and dtypes, so the state has exactly the keys, shapes and dtypes a real step would create.
+    tests/test_memory.py compares the result with a real step.
     """
-    index = 0  # the parameter's position over all groups, as the optimizer numbers it (rsvd seeds)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.device.type != "meta":
-                raise ValueError(f"init_state measures parameters on the meta device; got one on {p.device}")
-            state = {"step": 0}
-            shape = p.shape
-            if "rank" in group:
-                if group.get("rank_policy", "fixed") != "fixed":
-                    raise ValueError("init_state needs rank_policy='fixed': another policy picks the rank "
-                                     "from the gradient's values; measure a real step instead")
-                m, n = matrix_shape(p.shape)
-                side = orientation(group["proj_type"], m, n)
-                grad = torch.empty((m, n), dtype=p.dtype, device="meta")
-                projection.refresh(state, grad, group, side, group["seed"], index)
-                shape = lowrank_shape(side, m, n, state["rank"])
-            dtype = STATE_DTYPES[group.get("state_dtype")] or p.dtype
-            for key in MOMENT_KEYS:
-                state[key] = torch.zeros(shape, dtype=dtype, device="meta")
-            state["step"] = 1
-            optimizer.state[p] = state
-            index += 1
+        if "rank" in group and group.get("rank_policy", "fixed") != "fixed":
+            raise ValueError("init_state needs rank_policy='fixed': another policy picks the rank from the "
+                             "gradient's values; measure a real step instead")
+    for p in params:
+        if p.device.type != "meta":
+            raise ValueError(f"init_state measures parameters on the meta device; got one on {p.device}")
+        p.grad = torch.empty_like(p)
+    try:
+        optimizer.step()
+    finally:
+        for p in params:
+            p.grad = None
