@@ -7,7 +7,8 @@ changes:
 * ``"torch"``: the reference (plain PyTorch), any device.
 * ``"triton"``: the fused Triton kernels. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
   (the interpreter, for tests); anything else raises.
-* ``"auto"``: the Triton kernels for CUDA tensors when triton imports, the reference otherwise.
+* ``"auto"``: the Triton kernels for CUDA tensors of the kernels' dtypes (fp32, bf16, fp16) when triton
+  imports, the reference otherwise (CPU tensors, fp64, no triton).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from . import reference
 
 BACKENDS = ("torch", "triton", "auto")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_status() -> tuple[bool, str]:
@@ -39,7 +41,7 @@ def step_function(backend: str, tensor: torch.Tensor) -> Callable:
     if backend == "torch":
         return reference.galore_step
     if backend == "auto":
-        if tensor.is_cuda and triton_status()[0]:
+        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and triton_status()[0]:
             from .kernels import galore_step
             return galore_step
         return reference.galore_step

@@ -341,6 +341,9 @@ def test_auto_backend_uses_the_reference_on_cpu():
     assert backends.step_function("auto", torch.zeros(3)) is reference.galore_step
     if torch.cuda.is_available():
         assert backends.step_function("auto", torch.zeros(3, device="cuda")) is kernels.galore_step
+        # fp64 is not a kernel dtype: auto falls back instead of raising
+        assert backends.step_function("auto", torch.zeros(3, device="cuda", dtype=torch.float64)) \
+            is reference.galore_step
 
 
 # ---- no recompilation when the step scalars change ------------------------------------------------------
