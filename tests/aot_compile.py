@@ -1,0 +1,92 @@
+"""Compile the Triton kernels for real GPUs on a machine without one (run by test_kernels_compile.py).
+
+triton's ahead-of-time compiler lowers a kernel to PTX and cubin for a target architecture with no
+device present. The interpreter tests check the kernels' math; this checks that the compiled path
+builds: tl.dot on tensor cores for every operand dtype, input_precision, the masks and casts, and the
+tile configs the launchers pick. Run without TRITON_INTERPRET (it would make triton.jit interpret).
+
+    python tests/aot_compile.py        # prints one line per compiled kernel; exits 1 on any failure
+"""
+import os
+import sys
+import time
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET: the interpreter cannot compile"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lowrank_kernels.kernels import _launch  # noqa: E402
+from lowrank_kernels.kernels.adamw import BLOCK, _adamw_kernel  # noqa: E402
+from lowrank_kernels.kernels.backproject_update import _backproject_update_kernel  # noqa: E402
+from lowrank_kernels.kernels.project_adam import _project_adam_kernel  # noqa: E402
+
+TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SCALARS = {"beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "alpha", "decay"}
+M, N, R = 4096, 11008, 512  # a LLaMA-7B MLP weight at rank 512: the launchers' largest tiles
+
+
+def compile_kernel(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + TRITON_TYPE[pointers[name]]
+        else:
+            signature[name] = "fp32" if name in SCALARS else "i32"
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def gemm_constexprs(I, J, K, dtype, **extra):
+    cfg = _launch.gemm_config(I, J, K, dtype, torch.device("cpu"))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    return {**cfg, "PRECISION": _launch.dot_precision(dtype), "INTERPRETER": False, **extra}, warps, stages
+
+
+def cases():
+    """(label, kernel, pointer dtypes, constexprs, arch, warps, stages)."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    for arch in (90, 80):
+        # kernel (a), left orientation (I = r, J = n, K = m): gradient/basis dtype, moments dtype
+        for grad, moments in ((bf16, bf16), (bf16, fp32), (fp16, fp16), (fp32, fp32)):
+            if arch == 80 and grad != bf16:
+                continue
+            cx, w, s = gemm_constexprs(R, N, M, grad)
+            ptrs = dict(a_ptr=grad, b_ptr=grad, m_ptr=moments, v_ptr=moments, n_ptr=grad)
+            yield f"project_adam grad={grad} moments={moments}", _project_adam_kernel, ptrs, cx, arch, w, s
+        # kernel (b), left orientation (I = m, J = n, K = r): weight dtype, basis/N dtype
+        for weight, basis in ((bf16, bf16), (fp32, bf16), (fp16, fp16), (fp32, fp32)):
+            if arch == 80 and weight != bf16:
+                continue
+            cx, w, s = gemm_constexprs(M, N, R, basis, HAS_DECAY=True)
+            ptrs = dict(w_ptr=weight, a_ptr=basis, b_ptr=basis)
+            yield f"backproject_update weight={weight} basis={basis}", _backproject_update_kernel, ptrs, cx, arch, w, s
+    for dtype in (bf16, fp16, fp32):
+        ptrs = dict(w_ptr=dtype, g_ptr=dtype, m_ptr=dtype, v_ptr=dtype)
+        yield f"adamw {dtype}", _adamw_kernel, ptrs, dict(BLOCK=BLOCK, HAS_DECAY=True, INTERPRETER=False), 90, 4, 1
+
+
+def main() -> int:
+    failures = total = 0
+    for label, kernel, ptrs, cx, arch, warps, stages in cases():
+        start = time.perf_counter()
+        total += 1
+        try:
+            compiled = compile_kernel(kernel, ptrs, cx, arch, warps, stages)
+            assert compiled.asm.get("cubin"), "no cubin produced"
+            print(f"ok     sm_{arch} {label} ({time.perf_counter() - start:.1f} s)", flush=True)
+        except Exception as exc:  # report every failure, then fail
+            failures += 1
+            print(f"FAILED sm_{arch} {label}: {type(exc).__name__}: {exc}", flush=True)
+    print(f"compiled {total - failures} of {total}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
