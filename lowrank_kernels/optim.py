@@ -184,50 +184,60 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
 
     # ---- step -----------------------------------------------------------------------------------------
+    def _positions(self) -> dict:
+        """{param: (group, index in group, position over all groups)}, rebuilt when the groups change.
+
+        The position numbers parameters as state_dict does; it seeds rsvd refreshes and names a parameter
+        in errors. Cached so that step_param, called once per parameter per step, stays O(1).
+        """
+        key = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        if getattr(self, "_positions_key", None) != key:
+            flat = chain.from_iterable(((g, i, p) for i, p in enumerate(g["params"])) for g in self.param_groups)
+            self._positions_cache = {p: (g, i, pos) for pos, (g, i, p) in enumerate(flat)}
+            self._positions_key = key
+        return self._positions_cache
+
     def _param_label(self, group: dict, index_in_group: int, p: torch.Tensor) -> str:
         names = group.get("param_names")
         if names:
             return f"parameter {names[index_in_group]!r} (shape {tuple(p.shape)})"
-        flat = next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))
-                    if q is p)
-        return f"parameter #{flat} (shape {tuple(p.shape)})"
+        return f"parameter #{self._positions()[p][2]} (shape {tuple(p.shape)})"
 
-    def _plan(self, only: Optional[torch.Tensor] = None) -> list:
-        """Validate everything a step will touch (all parameters, or ``only``); return the work list.
+    def _plan_param(self, group: dict, i: int, p: torch.Tensor, index: int) -> Optional[tuple]:
+        """Validate one parameter's step and return its work item (None without a gradient).
 
         Mutates nothing, so an error leaves weights and state exactly as they were.
         """
-        work = []
-        position = 0
+        if p.grad is None:
+            return None
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients "
+                               f"({self._param_label(group, i, p)}); consider SparseAdam")
+        if grad.is_complex():
+            raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
+                               f"({self._param_label(group, i, p)})")
+        refresh, updates = False, {}
+        if "rank" in group:
+            state = self.state.get(p, {})  # .get: planning must not create state entries
+            grad2d = grad.reshape(projection.matrix_shape(p.shape))
+            refresh, updates = projection.refresh_due(state, group, grad2d)
+            # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
+            # (Meta tensors, used to size state without data, have no values to check.)
+            if refresh and grad.device.type != "meta" and not bool(torch.isfinite(grad).all()):
+                raise RuntimeError(
+                    f"non-finite gradient in {self._param_label(group, i, p)} at a basis refresh "
+                    f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
+                    "(zero_grad) and continue"
+                )
+        return group, p, index, refresh, updates
+
+    def _plan(self) -> list:
+        """Validate everything a step will touch before anything changes; return the work list."""
         for group in self.param_groups:
-            if only is None or any(q is only for q in group["params"]):
-                _check_hyperparameters(group)
-            for i, p in enumerate(group["params"]):
-                index, position = position, position + 1
-                if p.grad is None or (only is not None and p is not only):
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(f"GaLoreAdamW does not support sparse gradients "
-                                       f"({self._param_label(group, i, p)}); consider SparseAdam")
-                if grad.is_complex():
-                    raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
-                                       f"({self._param_label(group, i, p)})")
-                refresh, updates = False, {}
-                if "rank" in group:
-                    state = self.state.get(p, {})  # .get: planning must not create state entries
-                    grad2d = grad.reshape(projection.matrix_shape(p.shape))
-                    refresh, updates = projection.refresh_due(state, group, grad2d)
-                    # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
-                    # (Meta tensors, used to size state without data, have no values to check.)
-                    if refresh and grad.device.type != "meta" and not bool(torch.isfinite(grad).all()):
-                        raise RuntimeError(
-                            f"non-finite gradient in {self._param_label(group, i, p)} at a basis refresh "
-                            f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
-                            "(zero_grad) and continue"
-                        )
-                work.append((group, p, index, refresh, updates))
-        return work
+            _check_hyperparameters(group)
+        work = (self._plan_param(g, i, p, pos) for p, (g, i, pos) in self._positions().items())
+        return [item for item in work if item is not None]
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -247,7 +257,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
         settings, e.g. an lr set by a scheduler, apply as usual.
         """
-        for work in self._plan(only=param):
+        where = self._positions().get(param)
+        if where is None:
+            raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
+        group, i, position = where
+        _check_hyperparameters(group)
+        work = self._plan_param(group, i, param, position)
+        if work is not None:
             self._step_param(*work)
 
     def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool, updates: dict) -> None:

@@ -87,3 +87,13 @@ def test_step_param_one_by_one_equals_step():
             opts[1].step_param(p)
     for a, b in zip(whole.parameters(), single.parameters()):
         assert torch.equal(a, b)
+
+
+def test_step_param_rejects_a_foreign_tensor():
+    model = ToyNet()
+    opt = GaLoreAdamW(galore_groups(model, rank=4))
+    stranger = nn.Parameter(torch.randn(3, 3))
+    stranger.grad = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt.step_param(stranger)
+    assert not opt.state
