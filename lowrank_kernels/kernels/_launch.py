@@ -87,3 +87,30 @@ def check_devices(**tensors: torch.Tensor) -> None:
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def check_operands(**tensors: torch.Tensor) -> None:
+    """Every operand on one device and in a kernel dtype."""
+    check_devices(**tensors)
+    for name, t in tensors.items():
+        check_float(name, t)
+
+
+def one_sided_basis(kernel: str, P, Q, dtype_from: str, **operands: torch.Tensor) -> torch.Tensor:
+    """The checks both GEMM launchers share; returns the basis (exactly one of P, left, or Q, right).
+
+    All operands and the basis on one device, in a kernel dtype and 2-D; the basis in the dtype of the
+    operand named ``dtype_from`` (the other factor of the dot, which must share its dtype).
+    """
+    if (P is None) == (Q is None):
+        raise ValueError(f"{kernel} projects one side: pass exactly one of P (left) or Q (right)")
+    basis = P if P is not None else Q
+    operands = {**operands, "basis": basis}
+    check_operands(**operands)
+    not_2d = {name: tuple(t.shape) for name, t in operands.items() if t.dim() != 2}
+    if not_2d:
+        raise ValueError(f"{kernel}: operands must be 2-D, got shapes {not_2d}")
+    other = operands[dtype_from]
+    if basis.dtype != other.dtype:
+        raise TypeError(f"basis dtype {basis.dtype} differs from {dtype_from}'s {other.dtype}")
+    return basis

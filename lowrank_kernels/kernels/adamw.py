@@ -58,9 +58,9 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     contiguous copy that is written back: correct, at the cost of the extra passes, for a layout that
     is rare outside projected groups.
     """
-    _launch.check_devices(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _launch.check_float(name, t)
+    tensors = dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _launch.check_operands(**tensors)
+    for name, t in tensors.items():
         _launch.check_shape(name, t, param.shape)
     if param.numel() == 0:
         return

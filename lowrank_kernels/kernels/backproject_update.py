@@ -50,17 +50,7 @@ def backproject_update(param: torch.Tensor, N: torch.Tensor, P: Optional[torch.T
     Exactly one of P (left, N is r x n) or Q (right, N is m x r). ``param`` may have any strides and may
     differ in dtype from N and the basis (which share one dtype).
     """
-    if (P is None) == (Q is None):
-        raise ValueError("backproject_update projects one side: pass exactly one of P (left) or Q (right)")
-    basis = P if P is not None else Q
-    _launch.check_devices(param=param, N=N, basis=basis)
-    for name, t in (("param", param), ("N", N), ("basis", basis)):
-        _launch.check_float(name, t)
-    if param.dim() != 2 or N.dim() != 2 or basis.dim() != 2:
-        raise ValueError(f"param, N and basis must be 2-D, got shapes {tuple(param.shape)}, "
-                         f"{tuple(N.shape)} and {tuple(basis.shape)}")
-    if basis.dtype != N.dtype:
-        raise TypeError(f"N dtype {N.dtype} differs from the basis's {basis.dtype}")
+    basis = _launch.one_sided_basis("backproject_update", P, Q, "N", param=param, N=N)
     m, n = param.shape
     r = basis.shape[1]
     if P is not None:

@@ -62,16 +62,8 @@ def project_adam(grad: torch.Tensor, P: Optional[torch.Tensor], Q: Optional[torc
     float dtype and strides. ``grad``, P and Q are read through their strides: a non-contiguous gradient
     (a transposed or sliced view) costs nothing extra, and copying it would add a full-size pass.
     """
-    if (P is None) == (Q is None):
-        raise ValueError("project_adam projects one side: pass exactly one of P (left) or Q (right)")
-    basis = P if P is not None else Q
-    _launch.check_devices(grad=grad, basis=basis, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    for name, t in (("grad", grad), ("basis", basis), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _launch.check_float(name, t)
-    if grad.dim() != 2 or basis.dim() != 2:
-        raise ValueError(f"grad and basis must be 2-D, got {tuple(grad.shape)} and {tuple(basis.shape)}")
-    if basis.dtype != grad.dtype:
-        raise TypeError(f"basis dtype {basis.dtype} differs from the gradient's {grad.dtype}")
+    basis = _launch.one_sided_basis("project_adam", P, Q, "grad", grad=grad, exp_avg=exp_avg,
+                                    exp_avg_sq=exp_avg_sq)
     m, n = grad.shape
     r = basis.shape[1]
     if P is not None:
