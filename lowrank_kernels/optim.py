@@ -1,7 +1,6 @@
 """``GaLoreAdamW``: a drop-in for ``galore_torch.GaLoreAdamW`` with safe checkpoints and clear errors."""
 from __future__ import annotations
 
-import math
 from itertools import chain
 from typing import Callable, Iterable, Optional
 
@@ -9,73 +8,11 @@ import torch
 
 from . import projection
 from .backends import BACKENDS, step_function
-from .projection import (BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS, PROJ_TYPES,
-                         PROJECTED_DEFAULTS, RANK_POLICIES, REFRESH_POLICIES, STATE_DTYPES)
+from .projection import MOMENT_KEYS, POLICY_DEFAULTS, PROJECTED_DEFAULTS, STATE_DTYPES
 from .reference import adam_step_size
+from .validation import check_hyperparameters, is_int
 
 __all__ = ["GaLoreAdamW"]
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_hyperparameters(group: dict) -> None:
-    """Raise ValueError naming the first invalid value; shared by construction and every step."""
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        lr = lr.item() if lr.numel() == 1 else float("nan")
-    if not _is_real(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {group['lr']!r} (must be a finite number >= 0)")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    for i, b in enumerate(betas):
-        if not _is_real(b) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
-    if not _is_real(eps) or eps < 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps!r} (must be a finite number >= 0)")
-    if not _is_real(wd) or wd < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a finite number >= 0)")
-    if group.get("state_dtype") not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (must be one of {tuple(STATE_DTYPES)})")
-    if "rank" not in group:
-        return
-    if not _is_int(group["rank"]) or group["rank"] < 1:
-        raise ValueError(f"Invalid rank: {group['rank']!r} (must be an integer >= 1)")
-    gap = group["update_proj_gap"]
-    if not _is_int(gap) or gap < 1:
-        raise ValueError(f"Invalid update_proj_gap: {gap!r} (must be an integer >= 1)")
-    if not _is_real(group["scale"]) or group["scale"] <= 0.0:
-        raise ValueError(f"Invalid scale: {group['scale']!r} (must be a finite number > 0)")
-    if group["proj_type"] not in PROJ_TYPES:
-        raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (must be one of {PROJ_TYPES})")
-    for key, choices in (("projector", BASIS_SOURCES), ("rank_policy", RANK_POLICIES),
-                         ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES)):
-        if group[key] not in choices:
-            raise ValueError(f"Invalid {key}: {group[key]!r} (must be one of {tuple(choices)})")
-    if group["rank_policy"] == "energy":
-        xi, low, high = group["energy_threshold"], group["min_rank"], group["max_rank"]
-        if not _is_real(xi) or not 0.0 <= xi < 1.0:
-            raise ValueError(f"Invalid energy_threshold: {xi!r} (must be in [0, 1))")
-        if not _is_int(low) or low < 1:
-            raise ValueError(f"Invalid min_rank: {low!r} (must be an integer >= 1)")
-        if high is not None and (not _is_int(high) or high < low):
-            raise ValueError(f"Invalid max_rank: {high!r} (must be None or an integer >= min_rank={low})")
-    if group["refresh_policy"] == "lazy":
-        if not _is_real(group["similarity_threshold"]) or not 0.0 <= group["similarity_threshold"] <= 1.0:
-            raise ValueError(f"Invalid similarity_threshold: {group['similarity_threshold']!r} (must be in [0, 1])")
-        for key in ("patience", "gap_growth"):
-            if not _is_int(group[key]) or group[key] < 1:
-                raise ValueError(f"Invalid {key}: {group[key]!r} (must be an integer >= 1)")
-    if group["refresh_policy"] == "converged":
-        tol = group["convergence_tol"]
-        if not _is_real(tol) or tol < 0.0:
-            raise ValueError(f"Invalid convergence_tol: {tol!r} (must be a finite number >= 0)")
-
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore gradient projection, numerically identical to ``galore_torch.GaLoreAdamW``.
@@ -139,7 +76,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     ):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
@@ -158,7 +95,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if param_group[key] == choice:
                     for name, value in extra.items():
                         param_group.setdefault(name, value)
-        _check_hyperparameters({**self.defaults, **param_group})
+        check_hyperparameters({**self.defaults, **param_group})
         if "rank" in param_group:
             for i, item in enumerate(params):
                 name, p = item if isinstance(item, tuple) else (None, item)
@@ -235,7 +172,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _plan(self) -> list:
         """Validate everything a step will touch before anything changes; return the work list."""
         for group in self.param_groups:
-            _check_hyperparameters(group)
+            check_hyperparameters(group)
         work = (self._plan_param(g, i, p, pos) for p, (g, i, pos) in self._positions().items())
         return [item for item in work if item is not None]
 
@@ -261,7 +198,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if where is None:
             raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
         group, i, position = where
-        _check_hyperparameters(group)
+        check_hyperparameters(group)
         work = self._plan_param(group, i, param, position)
         if work is not None:
             self._step_param(*work)
