@@ -1,4 +1,8 @@
-"""Device-side helpers shared by the kernels: the tiled GEMM main loop, and rounding to a storage dtype."""
+"""Device-side helpers shared by the kernels: the tiled GEMM main loop, the per-tile epilogues (Adam moments,
+the weight update), the elementwise AdamW step, and rounding to a storage dtype.
+
+Every kernel, per-parameter or grouped, builds its math from these, so there is one copy of each formula.
+"""
 import triton
 import triton.language as tl
 
@@ -19,16 +23,17 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def tile_matmul(a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
+def tile_matmul(pid, a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
                 PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """This program's tile of C = A B (A is I x K, B is K x J, any strides), accumulated in fp32.
+    """Tile ``pid`` (row-major over the I x J tile grid, swizzled) of C = A B (A is I x K, B is K x J, any
+    strides), accumulated in fp32.
 
     Returns (acc, offs_i, offs_j) so the caller's epilogue addresses the same tile. The whole reduction
-    runs here: the kernels' epilogues are nonlinear, so K is never split across programs.
+    runs here: the kernels' epilogues are nonlinear, so K is never split across programs. A per-parameter
+    kernel passes its program id; a grouped kernel passes the tile's index within its problem.
     """
     # Grouped tile order: GROUP_I row-blocks share each column panel of B while it is in L2.
-    pid = tl.program_id(0)
     tiles_i = tl.cdiv(I, BLOCK_I)
     tiles_j = tl.cdiv(J, BLOCK_J)
     per_group = GROUP_I * tiles_j
@@ -58,3 +63,86 @@ def tile_matmul(a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_b
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc, offs_i, offs_j
+
+
+@triton.jit
+def adam_moments(r, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Adam's moment update on fp32 ``r``, ``m``, ``v``: returns (m, v) rounded to their storage dtypes and
+    N = m / (sqrt(v) + eps) in fp32.
+
+    N comes from the moments as stored, like galore-torch's: with fp16 moments a small r^2 underflows V to
+    0 and N = M / eps, and a step computed from the unrounded V would be a different step. The 1 - beta
+    arguments are computed in double by the host and rounded once: 1 - fp32(0.999) would be 1.3e-5 off.
+    """
+    m = round_to(beta1 * m + one_minus_beta1 * r, M_DTYPE, INTERPRETER)
+    v = round_to(beta2 * v + one_minus_beta2 * r * r, V_DTYPE, INTERPRETER)
+    n = m.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps)
+    return m, v, n
+
+
+@triton.jit
+def decoupled_update(w, u, alpha, decay, HAS_DECAY: tl.constexpr):
+    """galore-torch's order in fp32: w - alpha * u, then w + w * decay (decay = -lr * wd).
+
+    A zero decay leaves w untouched, as the reference skips the decay at wd == 0 (w + w * 0 would turn an
+    infinite w into nan); grouped kernels, whose problems' decays are only known on the device, rely on it.
+    """
+    w = w - alpha * u
+    if HAS_DECAY:
+        w = tl.where(decay != 0.0, w + w * decay, w)
+    return w
+
+
+@triton.jit
+def adam_tile_epilogue(acc, offs_i, offs_j, I, J, m_ptr, v_ptr, n_ptr,
+                       stride_mi, stride_mj, stride_vi, stride_vj, stride_ni, stride_nj,
+                       beta1, one_minus_beta1, beta2, one_minus_beta2, eps, INTERPRETER: tl.constexpr):
+    """Kernel (a)'s epilogue on one finished tile ``acc`` of R: update the moments in place, write N."""
+    mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
+    # R is defined in the gradient's dtype (galore-torch's P^T G returns it so): round once, then do the
+    # moment math in fp32 whatever dtype the moments are stored in.
+    r = round_to(acc, n_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+    m_ptrs = m_ptr + offs_i[:, None] * stride_mi + offs_j[None, :] * stride_mj
+    v_ptrs = v_ptr + offs_i[:, None] * stride_vi + offs_j[None, :] * stride_vj
+    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    m, v, n = adam_moments(r, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                           m_ptr.dtype.element_ty, v_ptr.dtype.element_ty, INTERPRETER)
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
+    n_ptrs = n_ptr + offs_i[:, None] * stride_ni + offs_j[None, :] * stride_nj
+    tl.store(n_ptrs, round_to(n, n_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+
+
+@triton.jit
+def update_tile_epilogue(acc, offs_i, offs_j, I, J, w_ptr, stride_wi, stride_wj, alpha, decay,
+                         HAS_DECAY: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Kernel (b)'s epilogue on one finished tile ``acc`` of the back-projection: update W in place, in
+    fp32, rounded once to W's dtype at the store."""
+    mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
+    w_ptrs = w_ptr + offs_i[:, None] * stride_wi + offs_j[None, :] * stride_wj
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w = decoupled_update(w, acc, alpha, decay, HAS_DECAY)
+    tl.store(w_ptrs, round_to(w, w_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+
+
+@triton.jit
+def adamw_elements(w_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                   eps, alpha, decay, HAS_DECAY: tl.constexpr, INTERPRETER: tl.constexpr):
+    """The unprojected AdamW step on a block of elements (pointer blocks of w, g, m, v), in place.
+
+    As in the projected step, N is rounded to the gradient's dtype (the step contract defines it so)
+    before the update.
+    """
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    m, v, n = adam_moments(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                           m_ptrs.dtype.element_ty, v_ptrs.dtype.element_ty, INTERPRETER)
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
+    n = round_to(n, g_ptrs.dtype.element_ty, INTERPRETER).to(tl.float32)
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w = decoupled_update(w, n, alpha, decay, HAS_DECAY)
+    tl.store(w_ptrs, round_to(w, w_ptrs.dtype.element_ty, INTERPRETER), mask=mask)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._device import round_to
+from ._device import adamw_elements
 
 BLOCK = 1024
 
@@ -29,23 +29,8 @@ def _adamw_kernel(
 ):
     # int64 offsets: an embedding can have more than 2^31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = round_to(beta1 * m + one_minus_beta1 * g, m_ptr.dtype.element_ty, INTERPRETER)
-    v = round_to(beta2 * v + one_minus_beta2 * g * g, v_ptr.dtype.element_ty, INTERPRETER)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    # As in the projected step: N comes from the moments as stored (fp16 V underflows to 0 and then
-    # N = M / eps), and is rounded to the gradient's dtype, as the step contract defines it.
-    n = round_to(m.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps), g_ptr.dtype.element_ty, INTERPRETER)
-    n = n.to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = w - alpha * n
-    if HAS_DECAY:
-        w = w + w * decay
-    tl.store(w_ptr + offs, round_to(w, w_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    adamw_elements(w_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs < numel,
+                   beta1, one_minus_beta1, beta2, one_minus_beta2, eps, alpha, decay, HAS_DECAY, INTERPRETER)
 
 
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._device import round_to, tile_matmul
+from ._device import tile_matmul, update_tile_epilogue
 
 
 @triton.jit
@@ -31,15 +31,11 @@ def _backproject_update_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
     HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    acc, offs_i, offs_j = tile_matmul(a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
+    acc, offs_i, offs_j = tile_matmul(tl.program_id(0), a_ptr, b_ptr, I, J, K,
+                                      stride_ai, stride_ak, stride_bk, stride_bj,
                                       BLOCK_I, BLOCK_J, BLOCK_K, GROUP_I, PRECISION, INTERPRETER)
-    mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
-    w_ptrs = w_ptr + offs_i[:, None] * stride_wi + offs_j[None, :] * stride_wj
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    w = w - alpha * acc
-    if HAS_DECAY:
-        w = w + w * decay
-    tl.store(w_ptrs, round_to(w, w_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    update_tile_epilogue(acc, offs_i, offs_j, I, J, w_ptr, stride_wi, stride_wj, alpha, decay,
+                         HAS_DECAY, INTERPRETER)
 
 
 def backproject_update(param: torch.Tensor, N: torch.Tensor, P: Optional[torch.Tensor],

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._device import round_to, tile_matmul
+from ._device import adam_tile_epilogue, tile_matmul
 
 
 @triton.jit
@@ -31,26 +31,12 @@ def _project_adam_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    acc, offs_i, offs_j = tile_matmul(a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
+    acc, offs_i, offs_j = tile_matmul(tl.program_id(0), a_ptr, b_ptr, I, J, K,
+                                      stride_ai, stride_ak, stride_bk, stride_bj,
                                       BLOCK_I, BLOCK_J, BLOCK_K, GROUP_I, PRECISION, INTERPRETER)
-    mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
-
-    # R is defined in the gradient's dtype (galore-torch's P^T G returns it so): round once, then do the
-    # moment math in fp32 whatever dtype the moments are stored in.
-    r = round_to(acc, n_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
-    m_ptrs = m_ptr + offs_i[:, None] * stride_mi + offs_j[None, :] * stride_mj
-    v_ptrs = v_ptr + offs_i[:, None] * stride_vi + offs_j[None, :] * stride_vj
-    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    m = round_to(beta1 * m + one_minus_beta1 * r, m_ptr.dtype.element_ty, INTERPRETER)
-    v = round_to(beta2 * v + one_minus_beta2 * r * r, v_ptr.dtype.element_ty, INTERPRETER)
-    tl.store(m_ptrs, m, mask=mask)
-    tl.store(v_ptrs, v, mask=mask)
-    # N comes from the moments as stored, like galore-torch's: with fp16 moments a small R^2 underflows
-    # V to 0 and N = M / eps, and a step computed from the unrounded V would be a different step.
-    n = m.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps)
-    n_ptrs = n_ptr + offs_i[:, None] * stride_ni + offs_j[None, :] * stride_nj
-    tl.store(n_ptrs, round_to(n, n_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    adam_tile_epilogue(acc, offs_i, offs_j, I, J, m_ptr, v_ptr, n_ptr,
+                       stride_mi, stride_mj, stride_vi, stride_vj, stride_ni, stride_nj,
+                       beta1, one_minus_beta1, beta2, one_minus_beta2, eps, INTERPRETER)
 
 
 def project_adam(grad: torch.Tensor, P: Optional[torch.Tensor], Q: Optional[torch.Tensor],
