@@ -45,9 +45,13 @@ def block(extent: int, cap: int) -> int:
     return max(16, min(cap, _pow2_at_least(extent)))
 
 
-def gemm_config(I: int, J: int, K: int, dtype: torch.dtype, device: torch.device) -> dict:
+def gemm_config(I: int, J: int, K: int, dtype: torch.dtype, device: torch.device,
+                extents: list | None = None) -> dict:
     """Fixed tile config for an I x J output with reduction length K (no autotuning: the kernels update
     their outputs in place, so a timing sweep would apply the step several times).
+
+    A grouped launch passes its largest I, J, K and, as ``extents``, every problem's (I, J): the grid that
+    must cover the SMs is then all problems' tiles together.
 
     Tiles are 128 x 128 (64 x 64 for fp32, whose operands take twice the shared memory) and shrink to fit
     small dimensions; on a GPU the wider edge halves (down to 32) until the grid covers the SMs, because
@@ -57,7 +61,8 @@ def gemm_config(I: int, J: int, K: int, dtype: torch.dtype, device: torch.device
     bi, bj = block(I, cap), block(J, cap)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        while -(-I // bi) * -(-J // bj) < sms and max(bi, bj) > 32:
+        extents = extents or [(I, J)]
+        while sum(-(-i // bi) * -(-j // bj) for i, j in extents) < sms and max(bi, bj) > 32:
             if bi >= bj:
                 bi //= 2
             else:

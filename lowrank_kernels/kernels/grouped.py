@@ -1,0 +1,200 @@
+"""The whole-model step's launcher API: grouped kernels over device tables, a constant number of launches.
+
+A *bucket* is a list of problems stepped by one launch per kernel. Build its tables once, reuse them while
+no tensor they name is reallocated (``tables.signature``/``tables.matches``), and step with device scalars:
+
+    tables = build_projected_tables(problems, "left")   # may synchronise (host -> device copies)
+    grouped_projected_step(tables, scalars)             # 2 launches; never synchronises
+
+Projected problems (one side; a bucket shares the gradient dtype, moment dtypes and param dtype; the tile
+shape is chosen per orientation, so left and right are separate buckets):
+    dict(param=W (m x n), grad=G (m x n, any strides), basis=P (m x r, left) or Q (n x r, right),
+         exp_avg=M, exp_avg_sq=V (r x n left, m x r right, any float dtype),
+         N=preallocated low-rank buffer of M's shape in the gradient's dtype,
+         [beta1=, beta2=, eps=]  optional per-problem Python floats, for every problem or none)
+Unprojected problems (one dtype per key; param, grad and moments in one dense layout):
+    dict(param=W, grad=G, exp_avg=M, exp_avg_sq=V, [beta1=, beta2=, eps=])
+
+``scalars``: a float32 tensor of shape (num_problems, 3) on the problems' device, row i for problem i:
+    column 0: step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)  (reference.adam_step_size)
+    column 1: scale (galore's update scale; 1.0 for unprojected problems)
+    column 2: lr * weight_decay (0 skips the decay, as the reference does at wd == 0)
+The kernels read it when they run, so the caller updates it in place on the device (a CUDA graph replays
+with the new values). Per-problem beta1, beta2, eps live in a (num_problems, 5) fp32 device table
+[beta1, 1 - beta1, beta2, 1 - beta2, eps] built from the problems (so a bucket may span param groups), or
+from the step's beta1/beta2/eps keywords (one table per distinct triple, built on first use: warm up before
+capturing a graph).
+
+"full" projection (P and Q) is not grouped: the caller steps it with kernels.galore_step, whose small
+matmuls (P^T G, P N) come between the two kernels; it is rare (galore's default is "std").
+
+Gradients: the tables start from the problems' ``grad``; if gradients are reallocated between steps (as
+``zero_grad(set_to_none=True)`` does), pass ``grads=[...]`` (problem order) to the step: their addresses
+are compared with the tables' and, if any changed, copied to the device without blocking the host. Under
+CUDA graph capture gradients are static: do not pass new ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import _launch, grouped_backproject_update, grouped_project_adam, multi_tensor_adamw
+from ._tables import KernelTable, check_problems, check_scalars, common_dtype, hyper_rows, problem_hyper, \
+    tensor_signature
+
+__all__ = ["GroupedTables", "build_projected_tables", "grouped_projected_step", "build_adamw_tables",
+           "grouped_adamw_step", "projected_signature", "adamw_signature"]
+
+PROJECTED_KEYS = ("param", "grad", "basis", "exp_avg", "exp_avg_sq", "N")
+ADAMW_KEYS = ("param", "grad", "exp_avg", "exp_avg_sq")
+SIDES = ("left", "right")
+
+
+def projected_signature(problems: list) -> tuple:
+    """What the tables depend on besides gradients: every tensor's address, shape, strides and dtype."""
+    return tuple(tensor_signature(p[k]) for p in problems for k in PROJECTED_KEYS if k != "grad")
+
+
+def adamw_signature(problems: list) -> tuple:
+    return tuple(tensor_signature(p[k]) for p in problems for k in ADAMW_KEYS if k != "grad")
+
+
+@dataclass
+class GroupedTables:
+    """A bucket's device tables; built once, reused while ``matches(problems)`` holds."""
+    kind: str                       # "projected" or "adamw"
+    side: Optional[str]             # "left"/"right" for projected buckets
+    device: torch.device
+    num_problems: int
+    signature: tuple                # projected_signature / adamw_signature at build time
+    problems: list                  # the problems (keeps every tensor the tables point at alive)
+    kernels: dict                   # kernel name -> KernelTable
+    hyper: Optional[torch.Tensor]   # (P, 5) fp32 per-problem table, if the problems carry beta1/beta2/eps
+    grad_signature: tuple = ()
+    _uniform_hyper: dict = field(default_factory=dict)
+
+    def matches(self, problems: list) -> bool:
+        """Are these tables still valid for ``problems``? (Cheap: addresses, shapes, strides; no sync.)"""
+        sig = projected_signature(problems) if self.kind == "projected" else adamw_signature(problems)
+        return sig == self.signature
+
+    def update_grads(self, grads: list) -> bool:
+        """Point the tables at ``grads`` (problem order) if any moved; True if the tables changed."""
+        if len(grads) != self.num_problems:
+            raise ValueError(f"expected {self.num_problems} gradients, got {len(grads)}")
+        sig = tuple((g.data_ptr(), g.stride()) for g in grads)
+        if sig == self.grad_signature:
+            return False
+        for i, (p, g) in enumerate(zip(self.problems, grads)):
+            if tuple(g.shape) != tuple(p["grad"].shape) or g.dtype != p["grad"].dtype or g.device != self.device:
+                raise ValueError(f"problem {i}: new gradient {g.dtype} {tuple(g.shape)} on {g.device} differs "
+                                 f"from the tables' {p['grad'].dtype} {tuple(p['grad'].shape)} on {self.device}")
+        if self.kind == "projected":
+            grouped_project_adam.refresh_grads(self.kernels["project_adam"], self.side, self.problems, grads)
+        else:
+            multi_tensor_adamw.refresh_grads(self.kernels["adamw"], self.problems, grads)
+        self.problems = [dict(p, grad=g) for p, g in zip(self.problems, grads)]
+        self.grad_signature = sig
+        return True
+
+    def hyper_table(self, beta1, beta2, eps) -> torch.Tensor:
+        given = [x is not None for x in (beta1, beta2, eps)]
+        if any(given) and not all(given):
+            raise ValueError("pass beta1, beta2 and eps together, or none of them")
+        if all(given):
+            if self.hyper is not None:
+                raise ValueError("these tables carry per-problem beta1, beta2, eps; do not pass them to the step")
+            key = (float(beta1), float(beta2), float(eps))
+            if key not in self._uniform_hyper:  # built once per triple: the copy synchronises
+                self._uniform_hyper[key] = hyper_rows([key] * self.num_problems).to(self.device)
+            return self._uniform_hyper[key]
+        if self.hyper is None:
+            raise ValueError("these tables carry no per-problem beta1, beta2, eps: pass them to the step")
+        return self.hyper
+
+
+def _common(problems: list, keys: tuple) -> tuple:
+    device = check_problems(problems, keys)
+    dtypes = {k: common_dtype(problems, k) for k in keys} if problems else {}
+    return device, dtypes
+
+
+def build_projected_tables(problems: list, side: str) -> GroupedTables:
+    """Tables for one (dtype, orientation) bucket of projected problems (see the module docstring)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be 'left' or 'right' (full projections are stepped one by one); got {side!r}")
+    device, dtypes = _common(problems, PROJECTED_KEYS)
+    for i, p in enumerate(problems):
+        if any(p[k].dim() != 2 for k in PROJECTED_KEYS):
+            raise ValueError(f"problem {i}: every tensor must be 2-D; got shapes "
+                             f"{ {k: tuple(p[k].shape) for k in PROJECTED_KEYS} }")
+        m, n = p["param"].shape
+        r = p["basis"].shape[1]
+        _launch.check_shape(f"problem {i}: grad", p["grad"], (m, n))
+        _launch.check_shape(f"problem {i}: basis", p["basis"], (m, r) if side == "left" else (n, r))
+        low = (r, n) if side == "left" else (m, r)
+        for k in ("exp_avg", "exp_avg_sq", "N"):
+            _launch.check_shape(f"problem {i}: {k}", p[k], low)
+    if problems:
+        for k in ("basis", "N"):
+            if dtypes[k] != dtypes["grad"]:
+                raise TypeError(f"{k} dtype {dtypes[k]} differs from the gradients' {dtypes['grad']}")
+    hyper = problem_hyper(problems)
+    kernels = {}
+    if problems:
+        kernels["project_adam"] = grouped_project_adam.build(side, problems, device, dtypes["grad"],
+                                                             dtypes["exp_avg"], dtypes["exp_avg_sq"])
+        kernels["backproject_update"] = grouped_backproject_update.build(side, problems, device, dtypes["grad"],
+                                                                         dtypes["param"])
+    return GroupedTables("projected", side, device, len(problems), projected_signature(problems), list(problems),
+                         kernels, None if hyper is None else hyper.to(device),
+                         tuple((p["grad"].data_ptr(), p["grad"].stride()) for p in problems))
+
+
+def grouped_projected_step(tables: GroupedTables, scalars: torch.Tensor, *, beta1: Optional[float] = None,
+                           beta2: Optional[float] = None, eps: Optional[float] = None,
+                           grads: Optional[list] = None) -> None:
+    """One projected step of every problem: one grouped projection+Adam launch (moments updated in place,
+    N written), then one grouped back-projection+update launch (params updated in place).
+
+    Reads ``scalars`` (see the module docstring) on the device; never synchronises the host.
+    """
+    if tables.kind != "projected":
+        raise TypeError("grouped_projected_step needs tables from build_projected_tables")
+    check_scalars(scalars, tables.num_problems, tables.device)
+    hyper = tables.hyper_table(beta1, beta2, eps)
+    if grads is not None:
+        tables.update_grads(grads)
+    if not tables.num_problems:
+        return
+    grouped_project_adam.launch(tables.kernels["project_adam"], hyper)
+    grouped_backproject_update.launch(tables.kernels["backproject_update"], scalars)
+
+
+def build_adamw_tables(problems: list) -> GroupedTables:
+    """Tables for one dtype bucket of unprojected problems (param, grad, exp_avg, exp_avg_sq)."""
+    device, dtypes = _common(problems, ADAMW_KEYS)
+    for i, p in enumerate(problems):
+        multi_tensor_adamw.check_layout(i, p["param"], p["grad"], p["exp_avg"], p["exp_avg_sq"])
+    hyper = problem_hyper(problems)
+    kernels = {"adamw": multi_tensor_adamw.build(problems, device, dtypes)} if problems else {}
+    return GroupedTables("adamw", None, device, len(problems), adamw_signature(problems), list(problems),
+                         kernels, None if hyper is None else hyper.to(device),
+                         tuple((p["grad"].data_ptr(), p["grad"].stride()) for p in problems))
+
+
+def grouped_adamw_step(tables: GroupedTables, scalars: torch.Tensor, *, beta1: Optional[float] = None,
+                       beta2: Optional[float] = None, eps: Optional[float] = None,
+                       grads: Optional[list] = None) -> None:
+    """One AdamW step of every problem in one launch, exactly reference.galore_step with P = Q = None."""
+    if tables.kind != "adamw":
+        raise TypeError("grouped_adamw_step needs tables from build_adamw_tables")
+    check_scalars(scalars, tables.num_problems, tables.device)
+    hyper = tables.hyper_table(beta1, beta2, eps)
+    if grads is not None:
+        tables.update_grads(grads)
+    if not tables.num_problems:
+        return
+    multi_tensor_adamw.launch(tables.kernels["adamw"], hyper, scalars)
