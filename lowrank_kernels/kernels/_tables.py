@@ -95,6 +95,7 @@ class KernelTable:
     table: torch.Tensor           # the same, on the device
     tile_problem: torch.Tensor    # (tiles,) int32, on the device: program id -> row
     num_tiles: int
+    order: list                   # order[slot] = the problem index in that row
     meta: dict = field(default_factory=dict)  # constexprs and launch options
 
     @classmethod
@@ -109,11 +110,7 @@ class KernelTable:
             first += tiles[p]
         host = torch.tensor(host, dtype=torch.int64).reshape(len(rows), -1)
         tile_problem = torch.cat(tile_rows) if tile_rows else torch.zeros(0, dtype=torch.int32)
-        return cls(host, host.to(device), tile_problem.to(device), first, meta)
-
-    def slot_of(self) -> dict:
-        """problem index -> its row's position in the table."""
-        return {int(p): slot for slot, p in enumerate(self.rows[:, -2].tolist())}
+        return cls(host, host.to(device), tile_problem.to(device), first, order, meta)
 
     def rewrite(self, columns: dict) -> None:
         """Replace columns of some rows ({(slot, column): value}) and refresh the device copy without

@@ -101,7 +101,7 @@ def refresh_grads(table: KernelTable, side: str, problems: list, grads: list) ->
     key, col = ("B", _B.value) if side == "left" else ("A", _A.value)
     scol = (_S_B if side == "left" else _S_A).value
     updates = {}
-    for slot, p in enumerate(table.rows[:, _INDEX.value].tolist()):
+    for slot, p in enumerate(table.order):
         op = described[p][0][key]
         updates[slot, col], updates[slot, scol], updates[slot, scol + 1] = op.ptr, *op.strides
     table.rewrite(updates)

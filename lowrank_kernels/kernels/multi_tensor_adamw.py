@@ -97,7 +97,7 @@ def refresh_grads(table: KernelTable, problems: list, grads: list) -> None:
     for i, (p, g) in enumerate(zip(problems, grads)):
         check_layout(i, p["param"], g, p["exp_avg"], p["exp_avg_sq"])
     table.rewrite({(slot, _G.value): grads[p].data_ptr()
-                   for slot, p in enumerate(table.rows[:, _INDEX.value].tolist())})
+                   for slot, p in enumerate(table.order)})
     table.meta["ALIGNED"] = aligned(problems, grads)
 
 
