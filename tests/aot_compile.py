@@ -21,9 +21,18 @@ from triton.compiler import ASTSource  # noqa: E402
 from lowrank_kernels.kernels import _launch  # noqa: E402
 from lowrank_kernels.kernels.adamw import BLOCK, _adamw_kernel  # noqa: E402
 from lowrank_kernels.kernels.backproject_update import _backproject_update_kernel  # noqa: E402
+from lowrank_kernels.kernels.grouped_backproject_update import _grouped_backproject_update_kernel  # noqa: E402
+from lowrank_kernels.kernels.grouped_project_adam import _grouped_project_adam_kernel  # noqa: E402
+from lowrank_kernels.kernels.multi_tensor_adamw import BLOCK as MT_BLOCK  # noqa: E402
+from lowrank_kernels.kernels.multi_tensor_adamw import _multi_tensor_adamw_kernel  # noqa: E402
+from lowrank_kernels.kernels._tables import TL_DTYPE  # noqa: E402
 from lowrank_kernels.kernels.project_adam import _project_adam_kernel  # noqa: E402
 
-TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+               torch.int32: "i32"}
+# the grouped kernels' tables: per-problem rows (int64), the tile -> problem map (int32), fp32 scalars
+TABLES = dict(table_ptr=torch.int64, tile_problem_ptr=torch.int32, hyper_ptr=torch.float32,
+              scalars_ptr=torch.float32)
 SCALARS = {"beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "alpha", "decay"}
 M, N, R = 4096, 11008, 512  # a LLaMA-7B MLP weight at rank 512: the launchers' largest tiles
 
@@ -70,6 +79,50 @@ def cases():
     for dtype in (bf16, fp16, fp32):
         ptrs = dict(w_ptr=dtype, g_ptr=dtype, m_ptr=dtype, v_ptr=dtype)
         yield f"adamw {dtype}", _adamw_kernel, ptrs, dict(BLOCK=BLOCK, HAS_DECAY=True, INTERPRETER=False), 90, 4, 1
+    yield from grouped_cases()
+
+
+def grouped_project_case(side, dtype, moments, aligned=True):
+    """Kernel (a) grouped, LLaMA shapes, contiguous tensors: left reads A = P^T (unit stride along I)."""
+    I, J, K = (R, N, M) if side == "left" else (M, R, N)
+    unit = 1 if aligned else 0
+    layouts = dict(A_LAYOUT=(2 if side == "left" else 1) * unit, B_LAYOUT=unit, M_LAYOUT=unit, V_LAYOUT=unit,
+                   N_LAYOUT=unit)
+    cx, w, s = gemm_constexprs(I, J, K, dtype, DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[moments],
+                               V_DTYPE=TL_DTYPE[moments], ALIGNED=aligned, **layouts)
+    return _grouped_project_adam_kernel, TABLES, cx, w, s
+
+
+def grouped_update_case(side, weight, basis, aligned=True):
+    """Kernel (b) grouped, LLaMA shapes: right reads B = Q^T (unit stride along K)."""
+    unit = 1 if aligned else 0
+    layouts = dict(W_LAYOUT=unit, A_LAYOUT=unit, B_LAYOUT=(1 if side == "left" else 2) * unit)
+    cx, w, s = gemm_constexprs(M, N, R, basis, DTYPE=TL_DTYPE[basis], W_DTYPE=TL_DTYPE[weight], ALIGNED=aligned,
+                               **layouts)
+    return _grouped_backproject_update_kernel, TABLES, cx, w, s
+
+
+def multi_tensor_adamw_case(dtype, aligned=True):
+    cx = dict(W_DTYPE=TL_DTYPE[dtype], G_DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[dtype], V_DTYPE=TL_DTYPE[dtype],
+              ALIGNED=aligned, BLOCK=MT_BLOCK, INTERPRETER=False)
+    return _multi_tensor_adamw_kernel, TABLES, cx, 4, 1
+
+
+def grouped_cases():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for arch in (90, 80):
+        for side in ("left", "right"):
+            k, p, cx, w, s = grouped_project_case(side, bf16, bf16)
+            yield f"grouped_project_adam {side} bf16", k, p, cx, arch, w, s
+            k, p, cx, w, s = grouped_update_case(side, bf16, bf16)
+            yield f"grouped_backproject_update {side} bf16", k, p, cx, arch, w, s
+    k, p, cx, w, s = grouped_project_case("left", fp32, fp32)
+    yield "grouped_project_adam left fp32", k, p, cx, 90, w, s
+    k, p, cx, w, s = grouped_project_case("right", bf16, bf16, aligned=False)
+    yield "grouped_project_adam right bf16 unaligned generic strides", k, p, cx, 90, w, s
+    for dtype in (bf16, fp32):
+        k, p, cx, w, s = multi_tensor_adamw_case(dtype)
+        yield f"multi_tensor_adamw {dtype}", k, p, cx, 90, w, s
 
 
 def main() -> int:

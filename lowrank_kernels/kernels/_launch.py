@@ -46,7 +46,7 @@ def block(extent: int, cap: int) -> int:
 
 
 def gemm_config(I: int, J: int, K: int, dtype: torch.dtype, device: torch.device,
-                extents: list | None = None) -> dict:
+                extents: list | None = None, sms: int | None = None) -> dict:
     """Fixed tile config for an I x J output with reduction length K (no autotuning: the kernels update
     their outputs in place, so a timing sweep would apply the step several times).
 
@@ -59,8 +59,9 @@ def gemm_config(I: int, J: int, K: int, dtype: torch.dtype, device: torch.device
     """
     cap = 64 if dtype == torch.float32 else 128
     bi, bj = block(I, cap), block(J, cap)
-    if device.type == "cuda":
+    if sms is None and device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms:  # (``sms`` given: the config a GPU with that many SMs would get, for compile-only tools)
         extents = extents or [(I, J)]
         while sum(-(-i // bi) * -(-j // bj) for i, j in extents) < sms and max(bi, bj) > 32:
             if bi >= bj:

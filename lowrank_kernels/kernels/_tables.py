@@ -82,7 +82,7 @@ def check_scalars(scalars, num_problems: int, device: torch.device) -> None:
     if not isinstance(scalars, torch.Tensor):
         raise TypeError(f"scalars must be a device tensor, got {type(scalars).__name__}")
     if (scalars.dtype != torch.float32 or tuple(scalars.shape) != (num_problems, SCALAR_COLUMNS)
-            or not scalars.is_contiguous() or scalars.device != device):
+            or not scalars.is_contiguous() or (num_problems and scalars.device != device)):
         raise ValueError(f"scalars must be a contiguous float32 tensor of shape ({num_problems}, "
                          f"{SCALAR_COLUMNS}) on {device}; got {scalars.dtype} {tuple(scalars.shape)} "
                          f"on {scalars.device}{'' if scalars.is_contiguous() else ', non-contiguous'}")

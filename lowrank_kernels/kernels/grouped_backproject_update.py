@@ -40,9 +40,9 @@ def _grouped_backproject_update_kernel(
     w_ptr = row_pointer(row, _W, W_DTYPE, ALIGNED)
     a_ptr = row_pointer(row, _A, DTYPE, ALIGNED)
     b_ptr = row_pointer(row, _B, DTYPE, ALIGNED)
-    I = tl.load(row + _I)
-    J = tl.load(row + _J)
-    K = tl.load(row + _K)
+    I = tl.load(row + _I).to(tl.int32)  # dims fit 32 bits; an int64 loop bound defeats pipelining
+    J = tl.load(row + _J).to(tl.int32)
+    K = tl.load(row + _K).to(tl.int32)
     stride_wi, stride_wj = row_strides(row, _S_W, W_LAYOUT, ALIGNED)
     stride_ai, stride_ak = row_strides(row, _S_A, A_LAYOUT, ALIGNED)
     stride_bk, stride_bj = row_strides(row, _S_B, B_LAYOUT, ALIGNED)

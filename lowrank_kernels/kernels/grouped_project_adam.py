@@ -43,9 +43,9 @@ def _grouped_project_adam_kernel(
     m_ptr = row_pointer(row, _M, M_DTYPE, ALIGNED)
     v_ptr = row_pointer(row, _V, V_DTYPE, ALIGNED)
     n_ptr = row_pointer(row, _N, DTYPE, ALIGNED)
-    I = tl.load(row + _I)
-    J = tl.load(row + _J)
-    K = tl.load(row + _K)
+    I = tl.load(row + _I).to(tl.int32)  # dims fit 32 bits; an int64 loop bound defeats pipelining
+    J = tl.load(row + _J).to(tl.int32)
+    K = tl.load(row + _K).to(tl.int32)
     stride_ai, stride_ak = row_strides(row, _S_A, A_LAYOUT, ALIGNED)
     stride_bk, stride_bj = row_strides(row, _S_B, B_LAYOUT, ALIGNED)
     stride_mi, stride_mj = row_strides(row, _S_M, M_LAYOUT, ALIGNED)
