@@ -32,7 +32,6 @@ counts only; :meth:`StepEngine.advance_host_counters` brings the host mirror alo
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Optional
 

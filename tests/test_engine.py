@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_kernels import GaLoreAdamW, engine, projection
-from lowrank_kernels.layerwise import LayerwiseUpdates
 
 STEPS, GAP = 7, 3  # refreshes before steps 1, 4 and 7
 
