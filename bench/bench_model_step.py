@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -197,9 +198,11 @@ def main() -> None:
     kinds = ["ours"] + (["ours+graph"] if device == "cuda" else []) + ["ours per-param"]
     kinds += (["galore-torch"] if galore_torch else []) + ["torch AdamW"]
     rows = []
+    load_before = os.getloadavg()[0]
     for layout in layouts:
         rows += bench_layout(layout, kinds, device, dtype, warmup=3, rep=rep)
-    meta = {**environment(), "dtype": str(dtype).replace("torch.", ""), "rep": rep, "quick": args.quick,
+    meta = {**environment(), "load_average_1min": f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
+            "dtype": str(dtype).replace("torch.", ""), "rep": rep, "quick": args.quick,
             "step": "ordinary (no refresh), every parameter", "projected": GALORE_TARGETS}
     columns = ["layout", "tensors", "optimizer", "ms", "min", "max", "launches", "ours / this"]
     write_results("model_step" + ("_quick" if args.quick else ""), rows, meta, columns,
