@@ -104,15 +104,17 @@ def environment() -> dict:
     return env
 
 
-def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence[str]) -> tuple[str, str]:
+def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence[str],
+                  directory: str | None = None) -> tuple[str, str]:
     """Write ``rows`` as a markdown table and as JSON to bench/results/<name>_<device>_<date>.{md,json}.
 
     ``meta`` (usually :func:`environment` plus the run's options) heads both files. The table is
-    printed too; returns the two paths.
+    printed too; returns the two paths. ``directory`` replaces bench/results/.
     """
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+    directory = directory or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
     device = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower()).strip("-")
-    stem = os.path.join(RESULTS_DIR, f"{name}_{device}_{meta.get('date', datetime.date.today().isoformat())}")
+    stem = os.path.join(directory, f"{name}_{device}_{meta.get('date', datetime.date.today().isoformat())}")
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     lines = [f"# {name}", ""] + [f"- {key}: {value}" for key, value in meta.items()] + [""] + table

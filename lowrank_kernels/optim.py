@@ -8,6 +8,7 @@ import torch
 
 from . import projection
 from .backends import BACKENDS, step_function
+from .engine import StepEngine
 from .projection import MOMENT_KEYS, POLICY_DEFAULTS, PROJECTED_DEFAULTS, STATE_DTYPES
 from .reference import adam_step_size
 from .validation import check_hyperparameters, is_int
@@ -176,6 +177,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         work = (self._plan_param(g, i, p, pos) for p, (g, i, pos) in self._positions().items())
         return [item for item in work if item is not None]
 
+    # torch.compile: the step runs eagerly behind one graph break (dynamo.disable). It is host logic
+    # (refresh schedules, SVDs, Python counters) that would otherwise be traced and guarded on every
+    # step count, recompiling at each step; tests/test_engine.py bounds the recompiles.
+    @torch._dynamo.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -183,8 +188,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for work in self._plan():
-            self._step_param(*work)
+        work = self._plan()
+        if getattr(self, "_per_parameter_step", False):  # the pre-engine path, kept for bench/
+            for item in work:
+                self._step_param(*item)
+        else:
+            self._engine().step(self, work)
         return loss
 
     @torch.no_grad()
@@ -201,9 +210,63 @@ class GaLoreAdamW(torch.optim.Optimizer):
         check_hyperparameters(group)
         work = self._plan_param(group, i, param, position)
         if work is not None:
-            self._step_param(*work)
+            self._engine().step(self, [work])
+
+    # ---- the whole-model step engine and CUDA graphs -------------------------------------------------
+    def _engine(self) -> StepEngine:
+        """The step engine (derived caches only: created on first use, after unpickling too)."""
+        engine = self.__dict__.get("_step_engine")
+        if engine is None:
+            engine = self.__dict__["_step_engine"] = StepEngine()
+        return engine
+
+    def refresh_due(self) -> bool:
+        """Would the next :meth:`step` recompute a basis? Host state only, no synchronisation.
+
+        Asks every projected parameter that holds a gradient (one without state yet is due). The
+        "converged" refresh policy decides from the gradient's projection and synchronises here.
+        """
+        for p, (group, _, _) in self._positions().items():
+            if "rank" in group and p.grad is not None:
+                state = self.state.get(p)
+                if not state or "refreshes" not in state:
+                    return True
+                grad2d = p.grad.reshape(projection.matrix_shape(p.shape))
+                if projection.refresh_due(state, group, grad2d)[0]:
+                    return True
+        return False
+
+    def advance_host_counters(self, n: int = 1) -> None:
+        """Tell the optimizer that ``n`` captured ordinary steps were replayed (CUDA graphs).
+
+        A replay advances the device step counts only; this moves the host mirror (``state["step"]``,
+        which schedules refreshes and checkpoints) of exactly the parameters the captured step stepped.
+        """
+        self._engine().advance_host_counters(n)
+
+    def replay(self, graph) -> None:
+        """Replay ``graph``, a captured training step whose ``opt.step()`` was ordinary (CUDA graphs).
+
+        The pattern (refresh steps stay eager; the capture follows a few eager warm-up steps)::
+
+            if opt.refresh_due():
+                eager_train_step()   # forward, backward, opt.step(): SVDs run here
+            else:
+                opt.replay(graph)    # graph.replay(), then the host counters move on
+
+        Before the replay, the groups' current lr and weight decay (an lr schedule) are copied to the
+        device (with backend "torch": betas, eps, scale and whether decay is on are fixed at capture).
+        Refreshes keep every tensor's storage (new bases and moments are copied in place) unless a rank
+        changes (rank_policy="energy"): then the graph must be captured again.
+        """
+        if self.refresh_due():
+            raise RuntimeError("a basis refresh is due: run this step eagerly (opt.step()), not from a graph")
+        self._engine().sync_hyperparameters()
+        graph.replay()
+        self.advance_host_counters()
 
     def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool, updates: dict) -> None:
+        """The pre-engine per-parameter step (``opt._per_parameter_step = True``): bench/ baseline."""
         state = self.state[p]
         state.update(updates)
         if "step" not in state:

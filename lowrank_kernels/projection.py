@@ -267,13 +267,17 @@ def refresh_due(state: dict, group: dict, grad2d: torch.Tensor) -> tuple[bool, d
     return REFRESH_POLICIES[group["refresh_policy"]][0](state, group, grad2d, P, Q)
 
 
-def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previous: dict) -> dict:
+def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previous: dict,
+                  factors: Optional[tuple] = None) -> dict:
     """New basis tensors for ``side`` in the gradient's dtype (as galore-torch keeps it), and the rank.
 
-    The factorisation runs in fp32 whatever the gradient's dtype.
+    The factorisation runs in fp32 whatever the gradient's dtype. ``factors``: (U, S, V) the group's
+    basis source already computed for this gradient and seed (the whole-model step batches the rsvd
+    refreshes of same-shaped weights into one call); None computes it here.
     """
     G = grad2d.float()
-    U, S, V = BASIS_SOURCES[group["projector"]](G, max_rank(group), seed, side, previous)
+    U, S, V = factors if factors is not None else BASIS_SOURCES[group["projector"]](
+        G, max_rank(group), seed, side, previous)
     total_sq = float(G.double().square().sum()) if group["rank_policy"] == "energy" else 0.0
     r = RANK_POLICIES[group["rank_policy"]](group, S, total_sq)
     # Owned copies: a slice of the full SVD would keep (and checkpoint) the whole factor's storage. P keeps
@@ -288,12 +292,16 @@ def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previ
 
 
 def refresh(state: dict, grad2d: torch.Tensor, group: dict, side: str, base_seed: int,
-            param_index: int) -> None:
-    """Recompute the basis from ``grad2d``, then apply the group's moments rule; mutates ``state``."""
+            param_index: int, factors: Optional[tuple] = None) -> None:
+    """Recompute the basis from ``grad2d``, then apply the group's moments rule; mutates ``state``.
+
+    ``factors``: see :func:`compute_basis` (they must come from ``refresh_seed(base_seed, param_index,
+    state.get("refreshes", 0))``).
+    """
     m, n = grad2d.shape
     count = state.get("refreshes", 0)
     old = {k: state[k] for k in BASIS_KEYS if k in state}
-    new = compute_basis(grad2d, side, group, refresh_seed(base_seed, param_index, count), old)
+    new = compute_basis(grad2d, side, group, refresh_seed(base_seed, param_index, count), old, factors)
     if old and "exp_avg" in state:
         MOMENT_RULES[group["moments_on_refresh"]](state, old, new, lowrank_shape(side, m, n, new["rank"]))
     state.update(new)

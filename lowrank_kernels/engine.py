@@ -1,0 +1,443 @@
+"""The whole-model step: all parameters of one optimizer step in a few bucket-wide calls.
+
+``GaLoreAdamW.step()`` plans (validates everything, mutates nothing) and hands its work list to
+:meth:`StepEngine.step`, which
+
+1. **resolves** each parameter: its 2-D view, orientation ("left", "right", "full"; None when
+   unprojected) and bucket, ``(device, dtype, orientation, moments dtype, runner)``. The backend's
+   runner is chosen per bucket here, so a backend error raises before anything changes;
+2. **refreshes** the bases that are due, on the host as before (it may synchronise). The rsvd refreshes
+   of same-shaped weights go to :func:`rsvd_batched` together, each with its own seed
+   (``projection.refresh_seed``), so a basis never depends on its batch neighbours. Bases and moments
+   keep their storage when the shapes allow, so a captured CUDA graph stays valid across refreshes;
+3. runs the **ordinary step** bucket by bucket: backend "torch" with ``torch._foreach_*`` ops in the
+   reference's exact order of operations (:func:`_run_bucket_torch`), backend "triton" through
+   :func:`_run_bucket_triton` over per-bucket tables that are rebuilt only when the bucket changes.
+
+Step scalars come in two modes:
+
+* **host** (the default for CPU tensors): Python floats from the host step counts, exactly the
+  reference's. This keeps the CPU path bit-exact with the reference and galore-torch: CPU
+  ``add_(U, alpha=-s)`` is one fused multiply-add, which no tensor-valued step size reproduces.
+* **device** (the default for CUDA tensors; ``opt._device_scalars = True`` forces it, for tests): step
+  counts and bias-corrected step sizes live on the device, one float64 vector per device and step
+  composition, as torch.optim's ``capturable=True``. An ordinary step then never reads a device value
+  on the host (no ``.item()``, no device-to-host copy): tests/test_engine.py proves it with a
+  TorchDispatchMode. The per-problem fp32 table (:data:`SCALAR_COLUMNS`) is what grouped kernels read.
+
+The host keeps a mirror of every count (``state["step"]``, a Python int, as in galore-torch and in old
+checkpoints), because refresh scheduling is host logic. A CUDA-graph replay advances the device
+counts only; :meth:`StepEngine.advance_host_counters` brings the host mirror along (the pattern is in
+``GaLoreAdamW.replay``'s docstring and the README).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from . import projection, reference
+from .backends import step_function
+from .projection import BASIS_KEYS, MOMENT_KEYS, STATE_DTYPES
+
+__all__ = ["StepEngine", "SCALAR_COLUMNS", "rsvd_batched"]
+
+# Columns of the per-problem fp32 scalar table handed to grouped kernels (device mode): the update is
+# W <- W - alpha * U, then W <- W + decay * W; the moments use the betas and eps.
+SCALAR_COLUMNS = ("alpha", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps")
+_STABLE_KEYS = BASIS_KEYS + MOMENT_KEYS
+_MAX_DEVICE_ENTRIES = 4096  # step compositions cached (whole model, plus one per layer-wise parameter)
+
+
+def rsvd_batched(mats: list, k: int, seeds: list) -> list:
+    """rsvd of each matrix in ``mats`` (same shape) with its own seed: a list of (U, S, V).
+
+    TODO(lead): once ``rsvd(A_batch, k, seed=<int64 CPU tensor (b,)>)`` gives element i the result of
+    a single call with seed[i], replace the loop by one call on ``torch.stack(mats)``. Today's loop of
+    single calls is that contract by construction.
+    """
+    return [projection.BASIS_SOURCES["rsvd"](A, k, seed, None, None) for A, seed in zip(mats, seeds)]
+
+
+class _Problem:
+    """One parameter's work in this step."""
+    __slots__ = ("p", "group", "index", "state", "weight", "grad", "write_back", "side", "key", "P", "Q",
+                 "moment_step")
+
+    def __init__(self, opt, group, p, index):
+        self.p, self.group, self.index = p, group, index
+        self.state = opt.state[p]
+        self.weight, self.grad, self.write_back, self.side = p, p.grad, None, None
+        self.P = self.Q = None
+        if "rank" in group:
+            m, n = projection.matrix_shape(p.shape)
+            if p.dim() > 2:
+                self.grad = self.grad.reshape(m, n)
+                try:
+                    self.weight = p.view(m, n)
+                except RuntimeError:  # e.g. a channels_last conv weight: update a copy, write it back
+                    self.weight = p.reshape(m, n).clone()
+                    self.write_back = p
+            self.side = projection.orientation(group["proj_type"], m, n)
+        moments = self.state.get("exp_avg")
+        mdtype = moments.dtype if moments is not None else (STATE_DTYPES[group.get("state_dtype")]
+                                                           or self.grad.dtype)
+        self.key = (p.device, p.dtype, self.side, mdtype)
+
+
+def _runner(backend: str, tensor: torch.Tensor) -> str:
+    """"torch" or "triton" for a bucket of ``tensor``'s device and dtype (raises as backends do)."""
+    return "torch" if step_function(backend, tensor) is reference.galore_step else "triton"
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _keep_storage(state: dict, old: dict) -> None:
+    """Copy refreshed tensors into the previous ones where shape, dtype and strides agree.
+
+    Keeps every data pointer of an ordinary step unchanged across a refresh, so a CUDA graph captured
+    before it (and the grouped kernels' pointer tables) stay valid; a rank change cannot keep them.
+    """
+    for key, before in old.items():
+        now = state.get(key)
+        if (now is not None and now is not before and now.shape == before.shape
+                and now.dtype == before.dtype and now.stride() == before.stride()):
+            before.copy_(now)
+            state[key] = before
+
+
+# ---- device-resident step scalars -----------------------------------------------------------------------
+class _DeviceScalars:
+    """Step counts and scalars of one step composition (an ordered list of parameters) on one device."""
+
+    def __init__(self, device: torch.device, n: int):
+        self.steps = torch.zeros(n, dtype=torch.float64, device=device)   # moment steps taken
+        self.hyper = torch.zeros(n, 5, dtype=torch.float64, device=device)  # lr, beta1, beta2, bias?, scale
+        self.table = torch.zeros(n, len(SCALAR_COLUMNS), dtype=torch.float32, device=device)
+        self.neg_step_size = torch.zeros(n, dtype=torch.float32, device=device)
+        self.host_steps: Optional[list] = None  # what self.steps holds, as the host last knew it
+        self.host_hyper: Optional[list] = None
+
+    def sync(self, problems: list) -> None:
+        """Upload host values that differ from what the device holds (host-to-device only, no sync).
+
+        Called after the host counts moved on: the device must hold the counts before this step.
+        """
+        steps = [pr.moment_step - 1 for pr in problems]
+        if steps != self.host_steps:
+            _upload(self.steps, steps)
+            self.host_steps = steps
+        self.sync_hyperparameters(problems)
+
+    def sync_hyperparameters(self, problems: list) -> None:
+        hyper = [_hyper(pr.group) for pr in problems]
+        if hyper != self.host_hyper:
+            _upload(self.hyper, [h[:5] for h in hyper])
+            _upload(self.table, [h[5:] for h in hyper])  # alpha (column 0) is computed per step
+            self.host_hyper = hyper
+
+    def advance(self) -> None:
+        """One step on the device: counts + 1, then step sizes (galore-torch's formula, in float64)."""
+        self.steps.add_(1.0)
+        lr, beta1, beta2, correct_bias, scale = self.hyper.unbind(1)
+        corrected = lr * torch.sqrt(1.0 - torch.pow(beta2, self.steps)) / (1.0 - torch.pow(beta1, self.steps))
+        step_size = torch.where(correct_bias > 0, corrected, lr)
+        self.neg_step_size.copy_(-step_size)
+        self.table[:, 0].copy_(step_size * scale)
+        self.host_steps = [s + 1 for s in self.host_steps]
+
+
+def _hyper(group: dict) -> tuple:
+    """Device columns of a problem: (lr, beta1, beta2, bias correction, scale) + the table's columns."""
+    beta1, beta2 = group["betas"]
+    lr = float(group["lr"])
+    scale = float(group.get("scale", 1.0)) if "rank" in group else 1.0
+    return (lr, beta1, beta2, 1.0 if group["correct_bias"] else 0.0, scale,
+            0.0, -lr * group["weight_decay"], beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"])
+
+
+def _upload(dst: torch.Tensor, values: list) -> None:
+    if _capturing(dst.device):
+        raise RuntimeError(
+            "GaLoreAdamW: the step counts or hyperparameters changed since the last eager step, so a CUDA "
+            "graph being captured would bake in a host-to-device copy; run one eager opt.step() with the "
+            "same parameters and hyperparameters before capturing"
+        )
+    src = torch.tensor(values, dtype=dst.dtype)
+    if dst.is_cuda:
+        src = src.pin_memory()  # a pinned source lets the copy run asynchronously (no host sync)
+    dst.copy_(src, non_blocking=True)
+
+
+# ---- the engine -----------------------------------------------------------------------------------------
+class StepEngine:
+    """Runs :meth:`GaLoreAdamW.step`'s work list bucket by bucket; holds only derived caches.
+
+    Caches (rebuilt on demand, dropped by pickling): device step scalars per step composition, and the
+    triton buckets' tables. ``table_builds`` counts table (re)builds, for tests.
+    """
+
+    def __init__(self):
+        self._device_entries: dict = {}
+        self._tables: dict = {}
+        self._last: tuple = ([], [])  # (states, [(device entry, problems)]) the last ordinary step advanced
+        self.table_builds = 0
+
+    def __getstate__(self):  # caches are derived data: a copy starts empty
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    # ---- the step ---------------------------------------------------------------------------------------
+    def step(self, opt, work: list) -> None:
+        if not work:
+            return
+        problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]
+        runners = {}
+        for pr in problems:  # choose (and check) every bucket's backend before anything changes
+            if pr.key not in runners:
+                runners[pr.key] = _runner(opt.backend, pr.weight)
+        refreshing = []
+        for pr, (_, _, _, refresh, updates) in zip(problems, work):
+            if updates:
+                pr.state.update(updates)
+            if "step" not in pr.state:
+                pr.state["step"] = 0
+            if refresh:
+                refreshing.append(pr)
+        if refreshing:
+            self._refresh(refreshing)
+        self._ordinary(opt, problems, runners)
+
+    def _refresh(self, refreshing: list) -> None:
+        if _capturing(refreshing[0].grad.device):
+            raise RuntimeError("GaLoreAdamW: a basis refresh is due and cannot run inside a CUDA graph "
+                               "capture; check opt.refresh_due() and run refresh steps eagerly")
+        factors = {}
+        batches = defaultdict(list)
+        for pr in refreshing:
+            if pr.group["projector"] == "rsvd":
+                g = pr.grad
+                batches[(tuple(g.shape), g.dtype, g.device, projection.max_rank(pr.group))].append(pr)
+        for (_, _, _, k), prs in batches.items():
+            seeds = [projection.refresh_seed(pr.group["seed"], pr.index, pr.state.get("refreshes", 0))
+                     for pr in prs]
+            for pr, f in zip(prs, rsvd_batched([pr.grad.float() for pr in prs], k, seeds)):
+                factors[id(pr)] = f
+        for pr in refreshing:
+            old = {k: pr.state[k] for k in _STABLE_KEYS if k in pr.state}
+            projection.refresh(pr.state, pr.grad, pr.group, pr.side, pr.group["seed"], pr.index,
+                               factors.get(id(pr)))
+            _keep_storage(pr.state, old)
+
+    def _ordinary(self, opt, problems: list, runners: dict) -> None:
+        buckets: dict = {}
+        for pr in problems:
+            state = pr.state
+            if "exp_avg" not in state:
+                g = pr.grad
+                shape = (projection.lowrank_shape(pr.side, *g.shape, state["rank"]) if pr.side else g.shape)
+                for key in MOMENT_KEYS:
+                    state[key] = torch.zeros(shape, dtype=pr.key[3], device=g.device)
+            state["step"] += 1
+            pr.moment_step = state["step"] - state.get("moment_start", 0)
+            if pr.side is not None:
+                pr.P, pr.Q = state.get("proj_left"), state.get("proj_right")
+            bucket = buckets.get(pr.key)
+            if bucket is None:
+                buckets[pr.key] = bucket = []
+            bucket.append(pr)
+        device_slices, entries = self._device_scalars(opt, buckets)
+        for key, bucket in buckets.items():
+            if runners[key] == "triton":
+                _run_bucket_triton(self._bucket_tables(key, bucket), [_host_scalars(pr) for pr in bucket])
+            else:
+                _run_bucket_torch(key[2], bucket, device_slices.get(key))
+        for pr in problems:
+            if pr.write_back is not None:
+                pr.write_back.copy_(pr.weight.view_as(pr.write_back))
+        self._last = ([pr.state for pr in problems], entries)
+
+    # ---- device scalars -----------------------------------------------------------------------------------
+    def _device_scalars(self, opt, buckets: dict) -> tuple:
+        """Advance the device counts of this step's composition; {bucket key: (entry, start)}."""
+        forced = getattr(opt, "_device_scalars", None)
+        per_device = defaultdict(list)
+        for key in buckets:
+            device = key[0]
+            if forced or (forced is None and device.type == "cuda"):
+                per_device[device].append(key)
+        slices, entries = {}, []
+        for device, keys in per_device.items():
+            problems = [pr for key in keys for pr in buckets[key]]
+            composition = (device, tuple(id(pr.p) for pr in problems))
+            entry = self._device_entries.get(composition)
+            if entry is None:
+                if len(self._device_entries) >= _MAX_DEVICE_ENTRIES:
+                    self._device_entries.clear()
+                entry = self._device_entries[composition] = _DeviceScalars(device, len(problems))
+            entry.sync(problems)
+            entry.advance()
+            entries.append((entry, problems))
+            start = 0
+            for key in keys:
+                slices[key] = (entry, start)
+                start += len(buckets[key])
+        return slices, entries
+
+    # ---- tables for grouped kernels -------------------------------------------------------------------------
+    def _bucket_tables(self, key, bucket: list) -> "_Tables":
+        """The bucket's tables, rebuilt only when its composition, shapes or data pointers changed."""
+        signature = tuple((id(pr.p), pr.weight.data_ptr(), pr.grad.data_ptr(),
+                           *(0 if t is None else t.data_ptr() for t in (pr.P, pr.Q)),
+                           pr.state["exp_avg"].data_ptr(), pr.state["exp_avg_sq"].data_ptr(),
+                           tuple(pr.state["exp_avg"].shape)) for pr in bucket)
+        cached = self._tables.get(key)
+        if cached is None or cached.signature != signature:
+            self.table_builds += 1
+            cached = self._tables[key] = _Tables(signature, key[2], bucket)
+        return cached
+
+    # ---- CUDA graphs: the host mirror -----------------------------------------------------------------------
+    def advance_host_counters(self, n: int = 1) -> None:
+        """After ``n`` replays of a captured ordinary step: advance what the host knows by ``n`` steps.
+
+        Exactly the parameters the last eager (captured) step stepped move on, as the replays did.
+        """
+        states, entries = self._last
+        for state in states:
+            state["step"] += n
+        for entry, _ in entries:
+            entry.host_steps = [s + n for s in entry.host_steps]
+
+    def sync_hyperparameters(self) -> None:
+        """Before a replay: upload the groups' current lr, betas, eps and decay for the captured step's
+        parameters where they changed (host-to-device only)."""
+        for entry, problems in self._last[1]:
+            entry.sync_hyperparameters(problems)
+
+
+def _host_scalars(pr: _Problem) -> dict:
+    group = pr.group
+    beta1, beta2 = group["betas"]
+    lr = float(group["lr"])
+    step_size = reference.adam_step_size(lr, beta1, beta2, pr.moment_step) if group["correct_bias"] else lr
+    return dict(beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
+                scale=float(group["scale"]) if pr.side else 1.0, lr=lr, weight_decay=group["weight_decay"])
+
+
+# ---- backend "torch": the reference, bucket-wide ----------------------------------------------------------
+def _project(side: Optional[str], bucket: list) -> list:
+    """R per problem, as reference.project computes it (same products, same association)."""
+    if side is None:
+        return [pr.grad for pr in bucket]
+    if side == "left":
+        return [torch.mm(pr.P.T, pr.grad) for pr in bucket]
+    if side == "right":
+        return [torch.mm(pr.grad, pr.Q) for pr in bucket]
+    return [torch.mm(torch.mm(pr.P.T, pr.grad), pr.Q) for pr in bucket]
+
+
+def _project_back(side: str, bucket: list, N: list) -> list:
+    if side == "left":
+        return [torch.mm(pr.P, n) for pr, n in zip(bucket, N)]
+    if side == "right":
+        return [torch.mm(n, pr.Q.T) for pr, n in zip(bucket, N)]
+    return [torch.mm(torch.mm(pr.P, n), pr.Q.T) for pr, n in zip(bucket, N)]
+
+
+def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]) -> None:
+    """reference.galore_step for a whole bucket, op for op, with torch._foreach_* ops.
+
+    Problems with equal scalars share each foreach call (usually the whole bucket). ``device``: the
+    bucket's (entry, start) in device mode, where the step sizes and decays are device tensors.
+    """
+    runs = defaultdict(list)
+    for i, pr in enumerate(bucket):
+        g = pr.group
+        beta1, beta2 = g["betas"]
+        if device is None:
+            s = _host_scalars(pr)
+            runs[(beta1, beta2, g["eps"], s["scale"], s["step_size"], s["lr"], g["weight_decay"])].append(i)
+        else:
+            scale = float(g["scale"]) if side else 1.0
+            runs[(beta1, beta2, g["eps"], scale, None, None, g["weight_decay"] > 0.0)].append(i)
+    for (beta1, beta2, eps, scale, step_size, lr, wd), idx in runs.items():
+        probs = [bucket[i] for i in idx]
+        M = [pr.state["exp_avg"] for pr in probs]
+        V = [pr.state["exp_avg_sq"] for pr in probs]
+        R = _project(side, probs)
+        # reference.adam_normalize
+        torch._foreach_mul_(M, beta1)
+        torch._foreach_add_(M, R, alpha=1.0 - beta1)
+        torch._foreach_mul_(V, beta2)
+        torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
+        D = torch._foreach_sqrt(V)
+        torch._foreach_add_(D, eps)
+        N = torch._foreach_div(M, D)
+        if N[0].dtype != R[0].dtype:
+            N = [n.to(r.dtype) for n, r in zip(N, R)]
+        # reference.project_back (projected updates are always scaled) and reference.apply_update
+        U = N if side is None else torch._foreach_mul(_project_back(side, probs, N), scale)
+        W = [pr.weight for pr in probs]
+        if device is None:
+            torch._foreach_add_(W, U, alpha=-step_size)
+            if wd > 0.0:
+                torch._foreach_add_(W, W, alpha=-lr * wd)
+        else:
+            entry, start = device
+            rows = [start + i for i in idx]
+            torch._foreach_addcmul_(W, U, _rows(entry.neg_step_size, rows))
+            if wd:
+                torch._foreach_addcmul_(W, W, _rows(entry.table[:, 1], rows))
+
+
+def _rows(vector: torch.Tensor, rows: list) -> list:
+    """0-dim views of ``vector`` at ``rows`` (no copy, no launch)."""
+    views = vector.unbind(0)
+    return [views[r] for r in rows]
+
+
+# ---- backend "triton" -------------------------------------------------------------------------------------
+class _Tables:
+    """A bucket's problems in the grouped kernels' form (lowrank_kernels/kernels/grouped.py):
+    ``dict(param, grad, basis, exp_avg, exp_avg_sq, N)`` per projected problem (N: a low-rank buffer in
+    the gradient's dtype), ``dict(param, grad, exp_avg, exp_avg_sq)`` per unprojected one."""
+
+    def __init__(self, signature: tuple, side: Optional[str], bucket: list):
+        self.signature = signature
+        self.side = side
+        self.bases = [(pr.P, pr.Q) for pr in bucket]
+        self.problems = []
+        for pr in bucket:
+            problem = dict(param=pr.weight, grad=pr.grad, exp_avg=pr.state["exp_avg"],
+                           exp_avg_sq=pr.state["exp_avg_sq"])
+            if side in ("left", "right"):
+                problem["basis"] = pr.P if side == "left" else pr.Q
+                problem["N"] = torch.empty(pr.state["exp_avg"].shape, dtype=pr.grad.dtype, device=pr.grad.device)
+            self.problems.append(problem)
+        # TODO(lead): when kernels/grouped.py lands, build the device tables here once:
+        #   self.grouped = grouped.build_projected_tables(self.problems, side)   (left / right)
+        #   self.grouped = grouped.build_adamw_tables(self.problems)             (unprojected)
+
+
+def _run_bucket_triton(tables: _Tables, scalars: list) -> None:
+    """Backend "triton" for one bucket.
+
+    TODO(lead): replace the per-problem loop by ``grouped.grouped_projected_step(tables.grouped,
+    entry.table[start:start + n], ...)`` (left/right) and ``grouped.grouped_adamw_step(...)``
+    (unprojected) with the device scalar table (SCALAR_COLUMNS); "full" may keep this loop. Until then
+    each problem runs the per-parameter kernels with host scalars, which a CUDA graph would freeze.
+    """
+    from .kernels import galore_step
+
+    device = tables.problems[0]["param"].device
+    if _capturing(device):
+        raise RuntimeError("GaLoreAdamW: backend='triton' steps cannot be captured in a CUDA graph until "
+                           "the grouped kernels read device step scalars; use backend='torch' for graphs")
+    for problem, (P, Q), s in zip(tables.problems, tables.bases, scalars):
+        galore_step(problem["param"], problem["grad"], P, Q, problem["exp_avg"], problem["exp_avg_sq"], **s)
