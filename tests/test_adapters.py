@@ -363,11 +363,12 @@ def test_finetune_demo_tiny(tmp_path):
     from lowrank_kernels.demo.finetune import finetune_demo
     rows = finetune_demo(["--pretrain-steps", "2", "--steps", "2", "--dim", "32", "--layers", "1", "--heads", "2",
                           "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--rank", "4",
-                          "--grad-batches", "1", "--seeds", "0", "1", "--out", str(tmp_path)])
+                          "--grad-batches", "1", "--seeds", "0", "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == list(FT_METHODS)
     by = {r["method"]: r for r in rows}
-    assert by["full AdamW"]["trainable"] > by["GaLoreAdamW"]["trainable"] * 0 + by["LoRA"]["trainable"]
+    assert by["full AdamW"]["trainable"] == by["GaLoreAdamW"]["trainable"] > by["LoRA"]["trainable"]
     assert by["LoRA-SB"]["trainable"] < by["LoRA"]["trainable"]
     assert by["LoRA"]["optimizer bytes"] < by["GaLoreAdamW"]["optimizer bytes"] < by["full AdamW"]["optimizer bytes"]
-    assert all(len(r["eval losses"]) == 2 for r in rows)
-    assert (tmp_path / "results.md").stat().st_size > 0 and (tmp_path / "finetune.png").stat().st_size > 0
+    assert all(len(r["eval losses"]) == 1 and r["runs"][0]["evals"][0][0] == 0 for r in rows)
+    for name in ("results.md", "results.json", "finetune.png"):
+        assert (tmp_path / name).stat().st_size > 0
