@@ -254,6 +254,11 @@ def test_bad_input_raises_before_touching_the_model():
     after = net.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert all(type(m) is not LoraLinear for m in net.modules())
+    tied = Net()
+    tied.extra = nn.Linear(13, 7)
+    tied.extra.weight = tied.head.weight  # LoRA-GA's offset of head would move extra too
+    with pytest.raises(ValueError, match=r"head\.weight is tied to extra\.weight"):
+        lora_ga(tied, ["head"], 2, {"head": torch.randn(7, 13)})
     lora(net, TARGETS, 2)
     with pytest.raises(ValueError, match="already"):
         lora_ga(net, "all-linear", 2, g)

@@ -18,7 +18,7 @@ __all__ = ["AdapterSet", "select_targets", "gradients_for", "bucketed_rsvd"]
 
 def select_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> dict[str, nn.Linear]:
     """``{name: nn.Linear}`` chosen as :func:`~lowrank_kernels.galore_param_groups` chooses them."""
-    targets = target_linear_modules(model, target_modules, stacklevel=4)
+    targets = target_linear_modules(model, target_modules, stacklevel=3)  # warn at the user's call
     if "" in targets:
         raise ValueError("the model itself is an nn.Linear: wrap it in a module so the adapter can replace it")
     for name in targets:
@@ -48,6 +48,18 @@ def gradients_for(targets: Mapping[str, nn.Linear], grads: Mapping[str, torch.Te
             raise ValueError(f"gradient for {name} has non-finite values")
         out[name] = g
     return out
+
+
+def check_untied(model: nn.Module, targets: Mapping[str, nn.Linear], method: str) -> None:
+    """Raise when a target weight is shared with another parameter: offsetting it would change that one too."""
+    names = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+    for name, module in targets.items():
+        shared = [n for n in names[id(module.weight)] if n != f"{name}.weight"]
+        if shared:
+            raise ValueError(f"{method} offsets the base weight, but {name}.weight is tied to {shared[0]}: "
+                             "leave it out of target_modules")
 
 
 def check_rank(targets: Mapping[str, nn.Linear], rank: int, method: str, need: Callable[[int], int]) -> None:

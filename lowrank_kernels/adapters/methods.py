@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..linalg import gaussian_test_matrix
-from .core import AdapterSet, bucketed_rsvd, check_rank, gradients_for, install, select_targets
+from .core import AdapterSet, bucketed_rsvd, check_rank, check_untied, gradients_for, install, select_targets
 from .layers import DeepLoraLinear, LoraLinear, LoraSBLinear
 
 __all__ = ["deep_lora", "lora_ga", "lora_sb", "lora", "lora_ga_factors"]
@@ -104,6 +104,7 @@ def lora_ga(model: nn.Module, target_modules: Targets, rank: int, grads: Mapping
         require_peft()
     targets = select_targets(model, target_modules)
     check_rank(targets, rank, "lora_ga", lambda r: 2 * r)
+    check_untied(model, targets, "lora_ga")
     g = gradients_for(targets, grads)
     svds = bucketed_rsvd(g, 2 * rank, _seeds(targets, seed), oversample=2 * rank, niter=niter,
                          desc="lora_ga rsvd", progress=progress)
