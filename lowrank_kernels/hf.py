@@ -19,7 +19,7 @@ from typing import Union
 
 from torch import nn
 
-__all__ = ["galore_param_groups", "target_matches"]
+__all__ = ["galore_param_groups", "target_linear_modules", "target_matches"]
 
 
 def target_matches(target_modules: Union[str, list[str]], name: str) -> tuple[bool, bool]:
@@ -33,6 +33,32 @@ def target_matches(target_modules: Union[str, list[str]], name: str) -> tuple[bo
     return False, False
 
 
+def target_linear_modules(model: nn.Module, target_modules: Union[str, list[str]],
+                          stacklevel: int = 2) -> dict[str, nn.Linear]:
+    """``{name: module}`` of the ``nn.Linear`` modules that ``target_modules`` selects, in model order.
+
+    The one selection rule of the package (GaLore groups and gradient-initialised adapters). Raises when
+    nothing matches; warns about a non-Linear module matched by name (``stacklevel`` points at the caller).
+    """
+    if not isinstance(target_modules, (str, list)):
+        raise TypeError(f"target_modules must be a regex string, a list of strings or 'all-linear'; "
+                        f"got {target_modules!r}")
+    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
+    targets = {}
+    for name, module in model.named_modules():
+        matched, by_regex = target_matches(target_modules, name)
+        if not isinstance(module, nn.Linear):
+            if matched and not by_regex:
+                warnings.warn(f"{name} matched target_modules but is a {type(module).__name__}; only "
+                              "nn.Linear modules are selected, so it is left out", stacklevel=stacklevel + 1)
+            continue
+        if matched or all_linear:
+            targets[name] = module
+    if not targets:
+        raise ValueError(f"no nn.Linear module matches target_modules={target_modules!r}")
+    return targets
+
+
 def galore_param_groups(model: nn.Module, target_modules: Union[str, list[str]], rank: int = 128,
                         update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                         **extra) -> list[dict]:
@@ -42,22 +68,8 @@ def galore_param_groups(model: nn.Module, target_modules: Union[str, list[str]],
     Defaults are transformers' (``optim_args`` keys rank, update_proj_gap, scale, proj_type). The plain
     group is left out when every parameter is projected.
     """
-    if not isinstance(target_modules, (str, list)):
-        raise TypeError(f"target_modules must be a regex string, a list of strings or 'all-linear'; "
-                        f"got {target_modules!r}")
-    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
-    targets = set()
-    for name, module in model.named_modules():
-        matched, by_regex = target_matches(target_modules, name)
-        if not isinstance(module, nn.Linear):
-            if matched and not by_regex:
-                warnings.warn(f"{name} matched target_modules but is a {type(module).__name__}; GaLore "
-                              "projects nn.Linear weights only, so it stays in the plain group", stacklevel=2)
-            continue
-        if matched or all_linear:
-            targets.add(name + ".weight" if name else "weight")
-    if not targets:
-        raise ValueError(f"no nn.Linear module matches target_modules={target_modules!r}")
+    targets = {name + ".weight" if name else "weight"
+               for name in target_linear_modules(model, target_modules, stacklevel=3)}
     # By name, as transformers does: a weight tied to an earlier parameter (named_parameters lists it once,
     # under the first name) is projected only if that first name is a target.
     named = list(model.named_parameters())
