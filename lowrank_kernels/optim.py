@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 from itertools import chain
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
 from . import projection
 from .backends import BACKENDS, step_function
-from .projection import MOMENT_KEYS, POLICY_DEFAULTS, PROJECTED_DEFAULTS, STATE_DTYPES
+from .checkpoint import prepare_load
+from .projection import BASIS_KEYS, MOMENT_KEYS, STATE_DTYPES
 from .reference import adam_step_size
-from .validation import check_hyperparameters, is_int
+from .validation import (check_hyperparameters, check_projectable, check_state_fits, expected_side,
+                         fill_defaults, is_int, stored_side)
 
 __all__ = ["GaLoreAdamW"]
+
+
+class _Plan(NamedTuple):
+    """One parameter's validated step: ``work`` is what ``_step_param`` takes; the rest is for ``_plan``."""
+    work: tuple  # (group, param, position, refresh?, state updates)
+    restart: bool  # the group's structure changed: clear the state (keeping the step count) first
+    check: Optional[str]  # why its gradient must be finite (None: no check)
+    label: str
+    step: int
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore gradient projection, numerically identical to ``galore_torch.GaLoreAdamW``.
@@ -71,8 +82,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         correct_bias: bool = True,
         no_deprecation_warning: bool = False,
         *,
-        backend: str = "torch",
+        backend: str = "auto",
         seed: int = 0,
+        check_finite: bool = False,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
@@ -80,45 +92,36 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        seed=seed)
+                        seed=seed, check_finite=check_finite)
         super().__init__(params, defaults)
+
+    # ---- pickling and deepcopy ------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """torch.optim pickles only defaults, state and param_groups; keep every public attribute too
+        (``backend``), so a deepcopy or an unpickled optimizer steps as the original does."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        return state
 
     # ---- groups ---------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         params = param_group["params"]
+        if isinstance(params, set):  # torch.optim's rule: a set has no reproducible order
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list instead.")
         # Materialise once: a generator (model.parameters()) must survive the checks below.
         param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if "rank" in param_group:
-            for key, value in PROJECTED_DEFAULTS.items():
-                param_group.setdefault(key, value)
-            for (key, choice), extra in POLICY_DEFAULTS.items():
-                if param_group[key] == choice:
-                    for name, value in extra.items():
-                        param_group.setdefault(name, value)
-        check_hyperparameters({**self.defaults, **param_group})
+        fill_defaults(param_group, self.defaults)
+        check_hyperparameters(param_group)
         if "rank" in param_group:
             for i, item in enumerate(params):
                 name, p = item if isinstance(item, tuple) else (None, item)
                 label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
-                self._check_projectable(p, projection.max_rank(param_group), label)
+                if isinstance(p, torch.Tensor):  # anything else: torch.optim's TypeError below
+                    check_projectable(p, projection.max_rank(param_group), label)
         super().add_param_group(param_group)
-
-    @staticmethod
-    def _check_projectable(p: torch.Tensor, rank: int, label: str) -> None:
-        if p.dim() < 2:
-            raise ValueError(
-                f"{label} has shape {tuple(p.shape)} but sits in a projected group (rank={rank}): "
-                "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) "
-                "in a group without 'rank'"
-            )
-        if p.is_complex():
-            raise ValueError(f"{label} is complex; GaLoreAdamW supports real parameters only")
-        m, n = projection.matrix_shape(p.shape)
-        if rank >= min(m, n):
-            raise ValueError(
-                f"rank={rank} is too large for {label} of shape {tuple(p.shape)} (as a {m}x{n} matrix): "
-                f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight"
-            )
 
     # ---- step -----------------------------------------------------------------------------------------
     def _positions(self) -> dict:
@@ -140,41 +143,90 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return f"parameter {names[index_in_group]!r} (shape {tuple(p.shape)})"
         return f"parameter #{self._positions()[p][2]} (shape {tuple(p.shape)})"
 
-    def _plan_param(self, group: dict, i: int, p: torch.Tensor, index: int) -> Optional[tuple]:
-        """Validate one parameter's step and return its work item (None without a gradient).
+    def _check_group(self, group: dict) -> None:
+        """A group as edited since construction: fill the keys its choices read, then validate it."""
+        fill_defaults(group, self.defaults)
+        try:
+            check_hyperparameters(group)
+        except ValueError as exc:
+            where = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
+            raise ValueError(f"{exc} (param group {where}; nothing was updated)") from None
+
+    def _plan_param(self, group: dict, i: int, p: torch.Tensor, index: int) -> Optional[_Plan]:
+        """Validate one parameter's step and return its plan (None without a gradient).
 
         Mutates nothing, so an error leaves weights and state exactly as they were.
         """
         if p.grad is None:
             return None
         grad = p.grad
+        label = self._param_label(group, i, p)
         if grad.is_sparse:
-            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients "
-                               f"({self._param_label(group, i, p)}); consider SparseAdam")
+            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients ({label}); consider SparseAdam")
         if grad.is_complex():
-            raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
-                               f"({self._param_label(group, i, p)})")
+            raise RuntimeError(f"GaLoreAdamW does not support complex gradients ({label})")
+        if grad.shape != p.shape or grad.device != p.device:
+            raise RuntimeError(f"the gradient of {label} has shape {tuple(grad.shape)} on {grad.device}, but "
+                               f"the parameter is on {p.device}; nothing was updated")
+        projected = "rank" in group
+        if projected:
+            check_projectable(p, projection.max_rank(group), label)
+        state = self.state.get(p, {})  # .get: planning must not create state entries
+        check_state_fits(state, p.shape, label)
+        # A parameter whose group changed structure since its state was made (proj_type now projects the
+        # other side, rank added or removed) restarts: new basis, fresh moments, bias correction from here.
+        made = stored_side(state) if any(k in state for k in (*MOMENT_KEYS, *BASIS_KEYS)) else False
+        restart = made is not False and made != expected_side(group, p.shape)
         refresh, updates = False, {}
-        if "rank" in group:
-            state = self.state.get(p, {})  # .get: planning must not create state entries
+        if projected:
             grad2d = grad.reshape(projection.matrix_shape(p.shape))
-            refresh, updates = projection.refresh_due(state, group, grad2d)
-            # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
-            # (Meta tensors, used to size state without data, have no values to check.)
-            if refresh and grad.device.type != "meta" and not bool(torch.isfinite(grad).all()):
-                raise RuntimeError(
-                    f"non-finite gradient in {self._param_label(group, i, p)} at a basis refresh "
-                    f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
-                    "(zero_grad) and continue"
-                )
-        return group, p, index, refresh, updates
+            refresh, updates = projection.refresh_due({} if restart else state, group, grad2d)
+        try:
+            step_function(self.backend, p, grad)
+        except (RuntimeError, TypeError) as exc:
+            raise type(exc)(f"{label}: {exc}; nothing was updated") from None
+        # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis. Elsewhere it would
+        # enter the moments for good; check_finite refuses it there too (opt-in: a host sync per step).
+        check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
+        return _Plan((group, p, index, refresh, updates), restart, check, label, state.get("step", 0))
 
-    def _plan(self) -> list:
+    def _plan(self, params: Optional[list] = None) -> list:
         """Validate everything a step will touch before anything changes; return the work list."""
-        for group in self.param_groups:
-            check_hyperparameters(group)
-        work = (self._plan_param(g, i, p, pos) for p, (g, i, pos) in self._positions().items())
-        return [item for item in work if item is not None]
+        positions = self._positions()
+        if params is None:
+            for group in self.param_groups:
+                self._check_group(group)
+            params = positions
+        else:
+            for p in params:
+                self._check_group(positions[p][0])
+        plans = [self._plan_param(g, i, p, pos) for p, (g, i, pos) in ((p, positions[p]) for p in params)]
+        plans = [plan for plan in plans if plan is not None]
+        self._check_finite([plan for plan in plans if plan.check])
+        for plan in plans:
+            if plan.restart:  # only now, with every check passed
+                p = plan.work[1]
+                step = self.state[p].get("step", 0)
+                self.state[p].clear()
+                self.state[p].update(step=step, moment_start=step)
+        return [plan.work for plan in plans]
+
+    @staticmethod
+    def _check_finite(plans: list) -> None:
+        """One host sync per device for all gradients that must be finite; raise naming the first bad one."""
+        by_device: dict = {}
+        for plan in plans:
+            grad = plan.work[1].grad
+            if grad.device.type != "meta":  # meta tensors (sizing state without data) have no values
+                by_device.setdefault(grad.device, []).append(plan)
+        for device_plans in by_device.values():
+            flags = torch.stack([torch.isfinite(plan.work[1].grad).all() for plan in device_plans]).tolist()
+            for plan, ok in zip(device_plans, flags):
+                if not ok:
+                    raise RuntimeError(
+                        f"non-finite gradient in {plan.label} {plan.check} (step {plan.step}); nothing was "
+                        "updated: skip this batch (zero_grad) and continue"
+                    )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -194,13 +246,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
         settings, e.g. an lr set by a scheduler, apply as usual.
         """
-        where = self._positions().get(param)
-        if where is None:
+        if param not in self._positions():
             raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
-        group, i, position = where
-        check_hyperparameters(group)
-        work = self._plan_param(group, i, param, position)
-        if work is not None:
+        for work in self._plan([param]):
             self._step_param(*work)
 
     def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool, updates: dict) -> None:
@@ -248,28 +296,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's loader, except that moments kept at an explicit ``state_dtype`` keep that dtype.
+        """torch.optim's loader (its pre- and post-hooks included), with three differences:
 
-        torch.optim casts every floating state tensor to its parameter's dtype and device; that is what we
-        want for bases (the gradient's dtype) and default moments, but it would round fp32 moments of a
-        bf16 weight to bf16.
+        * everything is validated first and nothing is loaded when anything is refused: torch.optim
+          checkpoints, other group layouts or shapes, missing or ill-formed state (the error names the
+          parameter and the key); galore-torch checkpoints are converted (lowrank_kernels.checkpoint);
+        * moments kept at an explicit ``state_dtype`` keep that dtype (torch.optim would cast fp32 moments
+          of a bf16 weight to bf16); other tensors follow the parameter's device and dtype as in torch.optim;
+        * the loaded tensors are copies, never aliases of the checkpoint's.
         """
-        saved_state = dict(state_dict["state"])
-        kept = {}
-        for group in state_dict["param_groups"]:
-            dtype = STATE_DTYPES.get(group.get("state_dtype"))
-            if dtype is None:
-                continue
-            for idx in group["params"]:
-                if idx in saved_state:
-                    entry = dict(saved_state[idx])
-                    kept[idx] = (dtype, {k: entry.pop(k) for k in MOMENT_KEYS if k in entry})
-                    saved_state[idx] = entry
-        super().load_state_dict({**state_dict, "state": saved_state})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for idx, p in zip(saved_ids, params):
-            if idx in kept:
-                dtype, moments = kept[idx]
-                for key, value in moments.items():
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        param_groups, state = prepare_load(self, state_dict)
+        self.__setstate__({"state": state, "param_groups": param_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
