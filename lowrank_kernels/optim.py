@@ -103,6 +103,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        defaults = state.get("defaults", getattr(self, "defaults", {}))
+        had_differentiable = "differentiable" in defaults
+        super().__setstate__(state)
+        if not had_differentiable:  # torch.optim adds it for its own optimizers; a copy must equal the original
+            self.defaults.pop("differentiable", None)
+
     # ---- groups ---------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
