@@ -15,6 +15,7 @@ that cannot run a parameter raises before any parameter is updated.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -26,6 +27,7 @@ BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_status() -> tuple[bool, str]:
     """(True, "ok") when the Triton kernels import; else (False, why)."""
     try:
@@ -46,7 +48,7 @@ def step_function(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -> 
     if backend == "torch":
         return reference.galore_step
     if backend == "auto":
-        if all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors) and triton_status()[0]:
+        if tensor.is_cuda and all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors) and triton_status()[0]:
             from .kernels import galore_step
             return galore_step
         return reference.galore_step

@@ -9,12 +9,14 @@ import torch
 from . import projection
 from .backends import BACKENDS, step_function
 from .checkpoint import prepare_load
-from .projection import BASIS_KEYS, MOMENT_KEYS, STATE_DTYPES
+from .projection import MOMENT_KEYS, STATE_DTYPES
 from .reference import adam_step_size
 from .validation import (check_hyperparameters, check_projectable, check_state_fits, expected_side,
-                         fill_defaults, is_int, stored_side)
+                         fill_defaults, is_int)
 
 __all__ = ["GaLoreAdamW"]
+
+_NO_STATE: dict = {}  # read-only stand-in for a parameter that has no state yet
 
 
 class _Plan(NamedTuple):
@@ -22,8 +24,21 @@ class _Plan(NamedTuple):
     work: tuple  # (group, param, position, refresh?, state updates)
     restart: bool  # the group's structure changed: clear the state (keeping the step count) first
     check: Optional[str]  # why its gradient must be finite (None: no check)
-    label: str
+    label: object  # str() names the parameter
     step: int
+
+
+class _Label:
+    """A parameter's name for error messages, formatted only when a message needs it (planning runs for
+    every parameter at every step)."""
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], str]):
+        self.make = make
+
+    def __str__(self) -> str:
+        return self.make()
+
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore gradient projection, numerically identical to ``galore_torch.GaLoreAdamW``.
@@ -53,20 +68,34 @@ class GaLoreAdamW(torch.optim.Optimizer):
       steps, at most ``update_proj_gap`` steps apart; one extra projection and host sync per step).
 
     Any group may set ``state_dtype`` [None]: the moments' dtype; None keeps the gradient's dtype
-    (galore-torch), or "float32", "bfloat16", "float16".
+    (galore-torch), or "float32", "bfloat16", "float16"; and ``check_finite`` [the optimizer's
+    argument, False]: refuse a step whose gradient holds a NaN or Inf at any step, not only at a refresh
+    (one host synchronisation per step).
 
     Groups without ``rank`` are plain AdamW under galore-torch's rules: bias correction folded into the
     step size, ``eps`` added to the uncorrected sqrt(v), decoupled weight decay applied after the update.
+    Every backend computes N = M / (sqrt(V) + eps) in fp32 from the moments as stored and rounds it once
+    to the gradient's dtype (for fp32 moments exactly galore-torch's arithmetic).
 
     Projected parameters must have at least 2 dimensions; an N-D weight is optimised as the matrix
     ``(shape[0], prod(shape[1:]))`` (a conv weight: one row per output channel).
 
-    ``backend``: "torch" (the reference, any device), "triton" (fused kernels; CUDA tensors, or CPU under
-    ``TRITON_INTERPRET=1``) or "auto" (kernels for CUDA tensors when triton imports, else the reference).
+    ``backend``: "auto" [default] (the fused kernels for CUDA tensors of fp32/bf16/fp16 when triton
+    imports, else the reference), "torch" (the reference, any device and dtype) or "triton" (the fused
+    kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``; anything else is refused at planning).
 
-    A step validates every group and gradient before it changes anything: bad hyperparameters, sparse or
-    complex gradients, and non-finite gradients at a basis refresh raise, leaving weights, moments and
-    bases untouched, so the caller can skip the batch and carry on.
+    A step validates every group, parameter and gradient before it changes anything: hyperparameters
+    (also those edited in ``param_groups`` since, e.g. a rank at or above min(m, n)), the backend, sparse,
+    complex or mis-shaped gradients, parameters resized since their state was made, and non-finite
+    gradients at a basis refresh (at every step with ``check_finite``) raise, leaving weights, moments,
+    bases and step counts untouched, so the caller can skip the batch and carry on. A policy switched in
+    ``param_groups`` gets its keys' defaults; a weight whose structure an edit changes (``proj_type`` now
+    projects the other side, ``rank`` added or removed) restarts at its next step: new basis, fresh
+    moments and bias correction, step count kept.
+
+    ``load_state_dict`` validates the whole checkpoint and loads nothing when it refuses it; it converts
+    galore-torch checkpoints (:mod:`lowrank_kernels.checkpoint`). ``copy.deepcopy`` and pickling keep
+    every public attribute (``backend``).
 
     ``correct_bias`` and ``no_deprecation_warning`` are accepted for drop-in compatibility with
     galore-torch's constructor; this class emits no deprecation warning.
@@ -164,29 +193,24 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         Mutates nothing, so an error leaves weights and state exactly as they were.
         """
-        if p.grad is None:
-            return None
         grad = p.grad
-        label = self._param_label(group, i, p)
-        if grad.is_sparse:
-            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients ({label}); consider SparseAdam")
-        if grad.is_complex():
-            raise RuntimeError(f"GaLoreAdamW does not support complex gradients ({label})")
-        if grad.shape != p.shape or grad.device != p.device:
-            raise RuntimeError(f"the gradient of {label} has shape {tuple(grad.shape)} on {grad.device}, but "
-                               f"the parameter is on {p.device}; nothing was updated")
+        if grad is None:
+            return None
+        shape = p.shape  # (read once: tensor attributes cost ~0.5 us each, and this runs per parameter)
+        label = _Label(lambda: self._param_label(group, i, p))
+        if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
+            self._refuse_gradient(grad, p, label)
         projected = "rank" in group
         if projected:
             check_projectable(p, projection.max_rank(group), label)
-        state = self.state.get(p, {})  # .get: planning must not create state entries
-        check_state_fits(state, p.shape, label)
+        state = self.state.get(p, _NO_STATE)  # .get: planning must not create state entries
+        made = check_state_fits(state, shape, label)
         # A parameter whose group changed structure since its state was made (proj_type now projects the
         # other side, rank added or removed) restarts: new basis, fresh moments, bias correction from here.
-        made = stored_side(state) if any(k in state for k in (*MOMENT_KEYS, *BASIS_KEYS)) else False
-        restart = made is not False and made != expected_side(group, p.shape)
+        restart = made is not False and made != expected_side(group, shape)
         refresh, updates = False, {}
         if projected:
-            grad2d = grad.reshape(projection.matrix_shape(p.shape))
+            grad2d = grad if len(shape) == 2 else grad.reshape(projection.matrix_shape(shape))
             refresh, updates = projection.refresh_due({} if restart else state, group, grad2d)
         try:
             step_function(self.backend, p, grad)
@@ -196,6 +220,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # enter the moments for good; check_finite refuses it there too (opt-in: a host sync per step).
         check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
         return _Plan((group, p, index, refresh, updates), restart, check, label, state.get("step", 0))
+
+    @staticmethod
+    def _refuse_gradient(grad: torch.Tensor, p: torch.Tensor, label) -> None:
+        if grad.is_sparse or grad.layout is not torch.strided:
+            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients ({label}); consider SparseAdam")
+        if grad.is_complex():
+            raise RuntimeError(f"GaLoreAdamW does not support complex gradients ({label})")
+        raise RuntimeError(f"the gradient of {label} has shape {tuple(grad.shape)} on {grad.device}; it must "
+                           f"match its parameter (on {p.device}); nothing was updated")
 
     def _plan(self, params: Optional[list] = None) -> list:
         """Validate everything a step will touch before anything changes; return the work list."""

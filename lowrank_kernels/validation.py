@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -109,22 +110,28 @@ def check_hyperparameters(group: dict) -> None:
             raise ValueError(f"Invalid convergence_tol: {tol!r} (must be a finite number >= 0)")
 
 
-def check_projectable(p: torch.Tensor, rank: int, label: str) -> None:
+def check_projectable(p: torch.Tensor, rank: int, label) -> None:
     """Can ``p`` sit in a projected group whose policy may choose ranks up to ``rank``? (ValueError)"""
-    if p.dim() < 2:
-        raise ValueError(
-            f"{label} has shape {tuple(p.shape)} but sits in a projected group (rank={rank}): "
-            "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) "
-            "in a group without 'rank'"
-        )
-    if p.is_complex():
-        raise ValueError(f"{label} is complex; GaLoreAdamW supports real parameters only")
-    m, n = matrix_shape(p.shape)
+    problem = _projectable_problem(p.shape, p.is_complex(), rank)
+    if problem:
+        raise ValueError(problem.format(label=label))
+
+
+@functools.lru_cache(maxsize=4096)
+def _projectable_problem(shape: torch.Size, is_complex: bool, rank: int) -> Optional[str]:
+    """The error template for ``check_projectable``, or None; cached: it runs for every weight at every
+    step, and shapes and ranks rarely change."""
+    if len(shape) < 2:
+        return (f"{{label}} has shape {tuple(shape)} but sits in a projected group (rank={rank}): GaLore "
+                "projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) in a group "
+                "without 'rank'")
+    if is_complex:
+        return "{label} is complex; GaLoreAdamW supports real parameters only"
+    m, n = matrix_shape(shape)
     if rank >= min(m, n):
-        raise ValueError(
-            f"rank={rank} is too large for {label} of shape {tuple(p.shape)} (as a {m}x{n} matrix): "
-            f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight"
-        )
+        return (f"rank={rank} is too large for {{label}} of shape {tuple(shape)} (as a {m}x{n} matrix): "
+                f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight")
+    return None
 
 
 # ---- optimizer state ----------------------------------------------------------------------------------
@@ -138,7 +145,12 @@ def expected_side(group: dict, shape) -> Optional[str]:
     """The side ``group`` projects a parameter of ``shape`` on (None: a plain AdamW group)."""
     if "rank" not in group:
         return None
-    return orientation(group["proj_type"], *matrix_shape(shape))
+    return _side_of(group["proj_type"], shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _side_of(proj_type: str, shape: torch.Size) -> str:
+    return orientation(proj_type, *matrix_shape(shape))
 
 
 def _expected_shapes(entry: dict, shape) -> dict:
@@ -156,22 +168,40 @@ def _expected_shapes(entry: dict, shape) -> dict:
     return shapes
 
 
-def check_state_fits(entry: dict, shape, label: str) -> None:
-    """RuntimeError unless the moments and basis in ``entry`` fit a parameter of ``shape``.
+def check_state_fits(entry: dict, shape: torch.Size, label) -> object:
+    """RuntimeError unless the moments and basis in ``entry`` fit a parameter of ``shape``; returns the
+    side the entry's basis projects (None: a plain AdamW state; False: no moments or basis yet).
 
     They were sized when the state was created; a parameter resized since (``p.data = bigger``) no longer
-    matches them, and stepping it would fail half-way or mix unrelated numbers. Shape comparisons only:
-    this runs at every step.
+    matches them, and stepping it would fail half-way or mix unrelated numbers. Runs for every parameter
+    at every step, so the common case is a few shape comparisons.
     """
-    for key, want in _expected_shapes(entry, shape).items():
-        value = entry.get(key)
-        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(want):
-            raise RuntimeError(
-                f"{label}: its optimizer state {key!r} has shape {tuple(value.shape)}, but a parameter of "
-                f"this shape needs {tuple(want)}; the parameter was resized after its state was created. "
-                "Nothing was updated; to restart this parameter's optimizer state, "
-                "`del optimizer.state[param]`"
-            )
+    M, V = entry.get("exp_avg"), entry.get("exp_avg_sq")
+    P, Q = entry.get("proj_left"), entry.get("proj_right")
+    if P is None and Q is None:
+        if M is None and V is None:
+            return False
+        fits = (M is None or M.shape == shape) and (V is None or V.shape == shape)
+        side = None
+    else:  # inline arithmetic: this is the per-parameter, per-step path
+        side = "full" if P is not None and Q is not None else "left" if P is not None else "right"
+        m = shape[0]
+        n = shape.numel() // m if m else matrix_shape(shape)[1]
+        r = entry.get("rank")
+        low = (r, n) if side == "left" else (m, r) if side == "right" else (r, r)
+        fits = ((P is None or P.shape == (m, r)) and (Q is None or Q.shape == (n, r))
+                and (M is None or M.shape == low) and (V is None or V.shape == low))
+    if not fits:
+        for key, want in _expected_shapes(entry, shape).items():
+            value = entry.get(key)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(want):
+                raise RuntimeError(
+                    f"{label}: its optimizer state {key!r} has shape {tuple(value.shape)}, but a parameter "
+                    f"of this shape needs {tuple(want)}; the parameter was resized after its state was "
+                    "created. Nothing was updated; to restart this parameter's optimizer state, "
+                    "`del optimizer.state[param]`"
+                )
+    return side
 
 
 def _nonneg_int(entry: dict, key: str, label: str, required: bool) -> None:
