@@ -23,6 +23,7 @@ class _Plan(NamedTuple):
     """One parameter's validated step: ``work`` is what ``_step_param`` takes; the rest is for ``_plan``."""
     work: tuple  # (group, param, position, refresh?, state updates)
     restart: bool  # the group's structure changed: clear the state (keeping the step count) first
+    recast: Optional[torch.dtype]  # the group's state_dtype changed: the moments' new dtype
     check: Optional[str]  # why its gradient must be finite (None: no check)
     label: object  # str() names the parameter
     step: int
@@ -154,9 +155,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "rank" in param_group:
             for i, item in enumerate(params):
                 name, p = item if isinstance(item, tuple) else (None, item)
-                label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
                 if isinstance(p, torch.Tensor):  # anything else: torch.optim's TypeError below
-                    check_projectable(p, projection.max_rank(param_group), label)
+                    label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
+                    check_projectable(p, projection.max_rank(param_group), f"{label} (shape {tuple(p.shape)})")
         super().add_param_group(param_group)
 
     # ---- step -----------------------------------------------------------------------------------------
@@ -219,7 +220,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis. Elsewhere it would
         # enter the moments for good; check_finite refuses it there too (opt-in: a host sync per step).
         check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
-        return _Plan((group, p, index, refresh, updates), restart, check, label, state.get("step", 0))
+        # state_dtype edited since the moments were made: they move to the new dtype (values kept).
+        moments = state.get("exp_avg")
+        recast = None
+        if moments is not None and not restart:
+            want = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
+            recast = want if moments.dtype != want else None
+        return _Plan((group, p, index, refresh, updates), restart, recast, check, label, state.get("step", 0))
 
     @staticmethod
     def _refuse_gradient(grad: torch.Tensor, p: torch.Tensor, label) -> None:
@@ -243,12 +250,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         plans = [self._plan_param(g, i, p, pos) for p, (g, i, pos) in ((p, positions[p]) for p in params)]
         plans = [plan for plan in plans if plan is not None]
         self._check_finite([plan for plan in plans if plan.check])
-        for plan in plans:
-            if plan.restart:  # only now, with every check passed
-                p = plan.work[1]
-                step = self.state[p].get("step", 0)
-                self.state[p].clear()
-                self.state[p].update(step=step, moment_start=step)
+        for plan in plans:  # only now, with every check passed
+            state = self.state[plan.work[1]] if plan.restart or plan.recast else None
+            if plan.restart:
+                step = state.get("step", 0)
+                state.clear()
+                state.update(step=step, moment_start=step)
+            elif plan.recast:
+                for key in MOMENT_KEYS:
+                    state[key] = state[key].to(plan.recast)
         return [plan.work for plan in plans]
 
     @staticmethod

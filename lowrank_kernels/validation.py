@@ -111,7 +111,8 @@ def check_hyperparameters(group: dict) -> None:
 
 
 def check_projectable(p: torch.Tensor, rank: int, label) -> None:
-    """Can ``p`` sit in a projected group whose policy may choose ranks up to ``rank``? (ValueError)"""
+    """Can ``p`` sit in a projected group whose policy may choose ranks up to ``rank``? (ValueError;
+    ``label`` names the parameter and its shape)"""
     problem = _projectable_problem(p.shape, p.is_complex(), rank)
     if problem:
         raise ValueError(problem.format(label=label))
@@ -122,14 +123,14 @@ def _projectable_problem(shape: torch.Size, is_complex: bool, rank: int) -> Opti
     """The error template for ``check_projectable``, or None; cached: it runs for every weight at every
     step, and shapes and ranks rarely change."""
     if len(shape) < 2:
-        return (f"{{label}} has shape {tuple(shape)} but sits in a projected group (rank={rank}): GaLore "
-                "projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) in a group "
-                "without 'rank'")
+        return (f"{{label}} sits in a projected group (rank={rank}) but has {len(shape)} dimension(s): "
+                "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) in a "
+                "group without 'rank'")
     if is_complex:
         return "{label} is complex; GaLoreAdamW supports real parameters only"
     m, n = matrix_shape(shape)
     if rank >= min(m, n):
-        return (f"rank={rank} is too large for {{label}} of shape {tuple(shape)} (as a {m}x{n} matrix): "
+        return (f"rank={rank} is too large for {{label}} (as a {m}x{n} matrix): "
                 f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight")
     return None
 

@@ -373,3 +373,20 @@ def test_check_finite_refuses_a_non_finite_gradient_at_any_step(where):
 def test_check_finite_must_be_a_bool():
     with pytest.raises(ValueError, match="Invalid check_finite"):
         GaLoreAdamW(ToyNet().parameters(), check_finite="yes")
+
+
+def test_state_dtype_edited_mid_run_moves_the_moments():
+    model, opt = _trained(steps=2)
+    weight = model.mid.weight
+    before = opt.state[weight]["exp_avg"].clone()
+    opt.param_groups[1]["state_dtype"] = "bfloat16"
+    _fresh_grads(model)
+    opt.step()
+    assert opt.state[weight]["exp_avg"].dtype == opt.state[weight]["exp_avg_sq"].dtype == torch.bfloat16
+    expected = (0.9 * before.bfloat16().float() + 0.1 * (weight.grad @ opt.state[weight]["proj_right"]))
+    # bf16 rounds each moment op (2^-8 relative), and entries that cancel lose more: a norm-wise check
+    assert (opt.state[weight]["exp_avg"].float() - expected).norm() / expected.norm() < 1e-2
+    opt.param_groups[1]["state_dtype"] = None  # back to the gradient's dtype
+    _fresh_grads(model, seed=7)
+    opt.step()
+    assert opt.state[weight]["exp_avg"].dtype == torch.float32
