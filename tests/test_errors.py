@@ -283,8 +283,10 @@ def test_rank_added_to_or_removed_from_a_group_restarts_its_weights():
 
 # ---- backends (7b) --------------------------------------------------------------------------------------
 def _two_params(dtype_last):
-    first = nn.Parameter(torch.randn(6, 5))
-    last = nn.Parameter(torch.randn(7, 4, dtype=dtype_last))
+    # CUDA tensors where there is a GPU; CPU ones run the kernels under the interpreter (conftest.py)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    first = nn.Parameter(torch.randn(6, 5, device=device))
+    last = nn.Parameter(torch.randn(7, 4, dtype=dtype_last, device=device))
     for p in (first, last):
         p.grad = torch.randn_like(p)
     return first, last

@@ -43,9 +43,10 @@ def test_default_backend_is_auto_and_picks_the_reference_on_cpu():
 def test_deepcopy_copies_all_public_attributes_and_steps_like_the_original(backend):
     if backend == "triton":
         pytest.importorskip("triton")
-    model = ToyNet()
+    model = ToyNet().to("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter runs triton
     opt = GaLoreAdamW(galore_groups(model, **PROJECTED), lr=1e-2, backend=backend, seed=5, check_finite=True)
-    train(model, opt, batches(3))
+    device = next(model.parameters()).device
+    train(model, opt, [(x.to(device), y.to(device)) for x, y in batches(3)])
     twin = copy.deepcopy(opt)
     public = lambda o: {k: v for k, v in o.__dict__.items() if not k.startswith("_")}  # noqa: E731
     assert public(twin).keys() == public(opt).keys() and twin.backend == backend
