@@ -19,7 +19,7 @@ PROJECTED = dict(rank=4, update_proj_gap=2)
 def _grads(params, seed):
     g = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
 
 
 def _same_state(a: GaLoreAdamW, b: GaLoreAdamW):
