@@ -216,7 +216,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         try:
             step_function(self.backend, p, grad)
         except (RuntimeError, TypeError) as exc:
-            raise type(exc)(f"{label}: {exc}; nothing was updated") from None
+            raise type(exc)(f"{label}: {str(exc).rstrip('.')}; nothing was updated") from None
         # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis. Elsewhere it would
         # enter the moments for good; check_finite refuses it there too (opt-in: a host sync per step).
         check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
