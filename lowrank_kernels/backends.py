@@ -4,14 +4,18 @@ Every backend exposes the same function, ``galore_step`` with the signature of
 :func:`lowrank_kernels.reference.galore_step`, so the optimizer chooses per parameter and nothing else
 changes:
 
-* ``"torch"``: the reference (plain PyTorch), any device.
-* ``"triton"``: the fused Triton kernels. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
-  (the interpreter, for tests); anything else raises.
-* ``"auto"``: the Triton kernels for CUDA tensors of the kernels' dtypes (fp32, bf16, fp16) when triton
-  imports, the reference otherwise (CPU tensors, fp64, no triton).
+* ``"auto"`` (the default): the Triton kernels for CUDA tensors of the kernels' dtypes (fp32, bf16,
+  fp16) when triton imports, the reference otherwise (CPU tensors, fp64, no triton).
+* ``"torch"``: the reference (plain PyTorch), any device and dtype.
+* ``"triton"``: the fused Triton kernels. CUDA tensors of the kernels' dtypes, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (the interpreter, for tests); anything else raises.
+
+The optimizer asks :func:`step_function` while it plans a step, before anything changes, so a backend
+that cannot run a parameter raises before any parameter is updated.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -19,10 +23,11 @@ import torch
 
 from . import reference
 
-BACKENDS = ("torch", "triton", "auto")
+BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_status() -> tuple[bool, str]:
     """(True, "ok") when the Triton kernels import; else (False, why)."""
     try:
@@ -36,12 +41,14 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def step_function(backend: str, tensor: torch.Tensor) -> Callable:
-    """The ``galore_step`` to use for a parameter living where ``tensor`` lives."""
+def step_function(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -> Callable:
+    """The ``galore_step`` for a parameter living where ``tensor`` lives (``others``: its gradient etc.,
+    whose dtypes the kernels must also take). Raises if ``backend`` cannot run them."""
+    tensors = (tensor, *others)
     if backend == "torch":
         return reference.galore_step
     if backend == "auto":
-        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and triton_status()[0]:
+        if tensor.is_cuda and all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors) and triton_status()[0]:
             from .kernels import galore_step
             return galore_step
         return reference.galore_step
@@ -53,6 +60,12 @@ def step_function(backend: str, tensor: torch.Tensor) -> Callable:
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (got a {tensor.device.type} tensor); CPU tensors run "
                 "only under TRITON_INTERPRET=1, for testing. Use backend='auto' or 'torch' instead."
+            )
+        bad = sorted({str(t.dtype) for t in tensors if t.dtype not in KERNEL_DTYPES})
+        if bad:
+            raise TypeError(
+                f"backend='triton' runs float32, bfloat16 and float16 tensors, got {', '.join(bad)}; "
+                "use backend='auto' (the reference for other dtypes) or 'torch'"
             )
         from .kernels import galore_step
         return galore_step

@@ -376,9 +376,14 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
         torch._foreach_add_(M, R, alpha=1.0 - beta1)
         torch._foreach_mul_(V, beta2)
         torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
-        D = torch._foreach_sqrt(V)
+        # reference.adam_normalize's eps rule: N in fp32 from the moments as stored, rounded once
+        if M[0].dtype != torch.float32:
+            M32, V32 = [m.float() for m in M], [v.float() for v in V]
+        else:
+            M32, V32 = M, V
+        D = torch._foreach_sqrt(V32)
         torch._foreach_add_(D, eps)
-        N = torch._foreach_div(M, D)
+        N = torch._foreach_div(M32, D)
         if N[0].dtype != R[0].dtype:
             N = [n.to(r.dtype) for n, r in zip(N, R)]
         # reference.project_back (projected updates are always scaled) and reference.apply_update

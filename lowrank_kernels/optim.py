@@ -2,18 +2,45 @@
 from __future__ import annotations
 
 from itertools import chain
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
 from . import projection
 from .backends import BACKENDS, step_function
+from .checkpoint import prepare_load
 from .engine import StepEngine
-from .projection import MOMENT_KEYS, POLICY_DEFAULTS, PROJECTED_DEFAULTS, STATE_DTYPES
+from .projection import MOMENT_KEYS, STATE_DTYPES
 from .reference import adam_step_size
-from .validation import check_hyperparameters, is_int
+from .validation import (check_hyperparameters, check_projectable, check_state_fits, expected_side,
+                         fill_defaults, is_int)
 
 __all__ = ["GaLoreAdamW"]
+
+_NO_STATE: dict = {}  # read-only stand-in for a parameter that has no state yet
+
+
+class _Plan(NamedTuple):
+    """One parameter's validated step: ``work`` is what ``_step_param`` takes; the rest is for ``_plan``."""
+    work: tuple  # (group, param, position, refresh?, state updates)
+    restart: bool  # the group's structure changed: clear the state (keeping the step count) first
+    recast: Optional[torch.dtype]  # the group's state_dtype changed: the moments' new dtype
+    check: Optional[str]  # why its gradient must be finite (None: no check)
+    label: object  # str() names the parameter
+    step: int
+
+
+class _Label:
+    """A parameter's name for error messages, formatted only when a message needs it (planning runs for
+    every parameter at every step)."""
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], str]):
+        self.make = make
+
+    def __str__(self) -> str:
+        return self.make()
+
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore gradient projection, numerically identical to ``galore_torch.GaLoreAdamW``.
@@ -43,20 +70,34 @@ class GaLoreAdamW(torch.optim.Optimizer):
       steps, at most ``update_proj_gap`` steps apart; one extra projection and host sync per step).
 
     Any group may set ``state_dtype`` [None]: the moments' dtype; None keeps the gradient's dtype
-    (galore-torch), or "float32", "bfloat16", "float16".
+    (galore-torch), or "float32", "bfloat16", "float16"; and ``check_finite`` [the optimizer's
+    argument, False]: refuse a step whose gradient holds a NaN or Inf at any step, not only at a refresh
+    (one host synchronisation per step).
 
     Groups without ``rank`` are plain AdamW under galore-torch's rules: bias correction folded into the
     step size, ``eps`` added to the uncorrected sqrt(v), decoupled weight decay applied after the update.
+    Every backend computes N = M / (sqrt(V) + eps) in fp32 from the moments as stored and rounds it once
+    to the gradient's dtype (for fp32 moments exactly galore-torch's arithmetic).
 
     Projected parameters must have at least 2 dimensions; an N-D weight is optimised as the matrix
     ``(shape[0], prod(shape[1:]))`` (a conv weight: one row per output channel).
 
-    ``backend``: "torch" (the reference, any device), "triton" (fused kernels; CUDA tensors, or CPU under
-    ``TRITON_INTERPRET=1``) or "auto" (kernels for CUDA tensors when triton imports, else the reference).
+    ``backend``: "auto" [default] (the fused kernels for CUDA tensors of fp32/bf16/fp16 when triton
+    imports, else the reference), "torch" (the reference, any device and dtype) or "triton" (the fused
+    kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``; anything else is refused at planning).
 
-    A step validates every group and gradient before it changes anything: bad hyperparameters, sparse or
-    complex gradients, and non-finite gradients at a basis refresh raise, leaving weights, moments and
-    bases untouched, so the caller can skip the batch and carry on.
+    A step validates every group, parameter and gradient before it changes anything: hyperparameters
+    (also those edited in ``param_groups`` since, e.g. a rank at or above min(m, n)), the backend, sparse,
+    complex or mis-shaped gradients, parameters resized since their state was made, and non-finite
+    gradients at a basis refresh (at every step with ``check_finite``) raise, leaving weights, moments,
+    bases and step counts untouched, so the caller can skip the batch and carry on. A policy switched in
+    ``param_groups`` gets its keys' defaults; a weight whose structure an edit changes (``proj_type`` now
+    projects the other side, ``rank`` added or removed) restarts at its next step: new basis, fresh
+    moments and bias correction, step count kept.
+
+    ``load_state_dict`` validates the whole checkpoint and loads nothing when it refuses it; it converts
+    galore-torch checkpoints (:mod:`lowrank_kernels.checkpoint`). ``copy.deepcopy`` and pickling keep
+    every public attribute (``backend``).
 
     ``correct_bias`` and ``no_deprecation_warning`` are accepted for drop-in compatibility with
     galore-torch's constructor; this class emits no deprecation warning.
@@ -72,8 +113,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         correct_bias: bool = True,
         no_deprecation_warning: bool = False,
         *,
-        backend: str = "torch",
+        backend: str = "auto",
         seed: int = 0,
+        check_finite: bool = False,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {BACKENDS})")
@@ -81,45 +123,43 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        seed=seed)
+                        seed=seed, check_finite=check_finite)
         super().__init__(params, defaults)
+
+    # ---- pickling and deepcopy ------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """torch.optim pickles only defaults, state and param_groups; keep every public attribute too
+        (``backend``), so a deepcopy or an unpickled optimizer steps as the original does."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        defaults = state.get("defaults", getattr(self, "defaults", {}))
+        had_differentiable = "differentiable" in defaults
+        super().__setstate__(state)
+        if not had_differentiable:  # torch.optim adds it for its own optimizers; a copy must equal the original
+            self.defaults.pop("differentiable", None)
 
     # ---- groups ---------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         params = param_group["params"]
+        if isinstance(params, set):  # torch.optim's rule: a set has no reproducible order
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list instead.")
         # Materialise once: a generator (model.parameters()) must survive the checks below.
         param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if "rank" in param_group:
-            for key, value in PROJECTED_DEFAULTS.items():
-                param_group.setdefault(key, value)
-            for (key, choice), extra in POLICY_DEFAULTS.items():
-                if param_group[key] == choice:
-                    for name, value in extra.items():
-                        param_group.setdefault(name, value)
-        check_hyperparameters({**self.defaults, **param_group})
+        fill_defaults(param_group, self.defaults)
+        check_hyperparameters(param_group)
         if "rank" in param_group:
             for i, item in enumerate(params):
                 name, p = item if isinstance(item, tuple) else (None, item)
-                label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
-                self._check_projectable(p, projection.max_rank(param_group), label)
+                if isinstance(p, torch.Tensor):  # anything else: torch.optim's TypeError below
+                    label = f"parameter {name!r}" if name else f"parameter #{i} of its group"
+                    check_projectable(p, projection.max_rank(param_group), f"{label} (shape {tuple(p.shape)})")
         super().add_param_group(param_group)
-
-    @staticmethod
-    def _check_projectable(p: torch.Tensor, rank: int, label: str) -> None:
-        if p.dim() < 2:
-            raise ValueError(
-                f"{label} has shape {tuple(p.shape)} but sits in a projected group (rank={rank}): "
-                "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) "
-                "in a group without 'rank'"
-            )
-        if p.is_complex():
-            raise ValueError(f"{label} is complex; GaLoreAdamW supports real parameters only")
-        m, n = projection.matrix_shape(p.shape)
-        if rank >= min(m, n):
-            raise ValueError(
-                f"rank={rank} is too large for {label} of shape {tuple(p.shape)} (as a {m}x{n} matrix): "
-                f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight"
-            )
 
     # ---- step -----------------------------------------------------------------------------------------
     def _positions(self) -> dict:
@@ -141,41 +181,103 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return f"parameter {names[index_in_group]!r} (shape {tuple(p.shape)})"
         return f"parameter #{self._positions()[p][2]} (shape {tuple(p.shape)})"
 
-    def _plan_param(self, group: dict, i: int, p: torch.Tensor, index: int) -> Optional[tuple]:
-        """Validate one parameter's step and return its work item (None without a gradient).
+    def _check_group(self, group: dict) -> None:
+        """A group as edited since construction: fill the keys its choices read, then validate it."""
+        fill_defaults(group, self.defaults)
+        try:
+            check_hyperparameters(group)
+        except ValueError as exc:
+            where = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
+            raise ValueError(f"{exc} (param group {where}; nothing was updated)") from None
+
+    def _plan_param(self, group: dict, i: int, p: torch.Tensor, index: int) -> Optional[_Plan]:
+        """Validate one parameter's step and return its plan (None without a gradient).
 
         Mutates nothing, so an error leaves weights and state exactly as they were.
         """
-        if p.grad is None:
-            return None
         grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients "
-                               f"({self._param_label(group, i, p)}); consider SparseAdam")
-        if grad.is_complex():
-            raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
-                               f"({self._param_label(group, i, p)})")
+        if grad is None:
+            return None
+        shape = p.shape  # (read once: tensor attributes cost ~0.5 us each, and this runs per parameter)
+        label = _Label(lambda: self._param_label(group, i, p))
+        if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
+            self._refuse_gradient(grad, p, label)
+        projected = "rank" in group
+        if projected:
+            check_projectable(p, projection.max_rank(group), label)
+        state = self.state.get(p, _NO_STATE)  # .get: planning must not create state entries
+        made = check_state_fits(state, shape, label)
+        # A parameter whose group changed structure since its state was made (proj_type now projects the
+        # other side, rank added or removed) restarts: new basis, fresh moments, bias correction from here.
+        restart = made is not False and made != expected_side(group, shape)
         refresh, updates = False, {}
-        if "rank" in group:
-            state = self.state.get(p, {})  # .get: planning must not create state entries
-            grad2d = grad.reshape(projection.matrix_shape(p.shape))
-            refresh, updates = projection.refresh_due(state, group, grad2d)
-            # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis.
-            # (Meta tensors, used to size state without data, have no values to check.)
-            if refresh and grad.device.type != "meta" and not bool(torch.isfinite(grad).all()):
-                raise RuntimeError(
-                    f"non-finite gradient in {self._param_label(group, i, p)} at a basis refresh "
-                    f"(step {state.get('step', 0)}); nothing was updated: skip this batch "
-                    "(zero_grad) and continue"
-                )
-        return group, p, index, refresh, updates
+        if projected:
+            grad2d = grad if len(shape) == 2 else grad.reshape(projection.matrix_shape(shape))
+            refresh, updates = projection.refresh_due({} if restart else state, group, grad2d)
+        try:
+            step_function(self.backend, p, grad)
+        except (RuntimeError, TypeError) as exc:
+            raise type(exc)(f"{label}: {str(exc).rstrip('.')}; nothing was updated") from None
+        # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis. Elsewhere it would
+        # enter the moments for good; check_finite refuses it there too (opt-in: a host sync per step).
+        check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
+        # state_dtype edited since the moments were made: they move to the new dtype (values kept).
+        moments = state.get("exp_avg")
+        recast = None
+        if moments is not None and not restart:
+            want = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
+            recast = want if moments.dtype != want else None
+        return _Plan((group, p, index, refresh, updates), restart, recast, check, label, state.get("step", 0))
 
-    def _plan(self) -> list:
+    @staticmethod
+    def _refuse_gradient(grad: torch.Tensor, p: torch.Tensor, label) -> None:
+        if grad.is_sparse or grad.layout is not torch.strided:
+            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients ({label}); consider SparseAdam")
+        if grad.is_complex():
+            raise RuntimeError(f"GaLoreAdamW does not support complex gradients ({label})")
+        raise RuntimeError(f"the gradient of {label} has shape {tuple(grad.shape)} on {grad.device}; it must "
+                           f"match its parameter (on {p.device}); nothing was updated")
+
+    def _plan(self, params: Optional[list] = None) -> list:
         """Validate everything a step will touch before anything changes; return the work list."""
-        for group in self.param_groups:
-            check_hyperparameters(group)
-        work = (self._plan_param(g, i, p, pos) for p, (g, i, pos) in self._positions().items())
-        return [item for item in work if item is not None]
+        positions = self._positions()
+        if params is None:
+            for group in self.param_groups:
+                self._check_group(group)
+            params = positions
+        else:
+            for p in params:
+                self._check_group(positions[p][0])
+        plans = [self._plan_param(g, i, p, pos) for p, (g, i, pos) in ((p, positions[p]) for p in params)]
+        plans = [plan for plan in plans if plan is not None]
+        self._check_finite([plan for plan in plans if plan.check])
+        for plan in plans:  # only now, with every check passed
+            state = self.state[plan.work[1]] if plan.restart or plan.recast else None
+            if plan.restart:
+                step = state.get("step", 0)
+                state.clear()
+                state.update(step=step, moment_start=step)
+            elif plan.recast:
+                for key in MOMENT_KEYS:
+                    state[key] = state[key].to(plan.recast)
+        return [plan.work for plan in plans]
+
+    @staticmethod
+    def _check_finite(plans: list) -> None:
+        """One host sync per device for all gradients that must be finite; raise naming the first bad one."""
+        by_device: dict = {}
+        for plan in plans:
+            grad = plan.work[1].grad
+            if grad.device.type != "meta":  # meta tensors (sizing state without data) have no values
+                by_device.setdefault(grad.device, []).append(plan)
+        for device_plans in by_device.values():
+            flags = torch.stack([torch.isfinite(plan.work[1].grad).all() for plan in device_plans]).tolist()
+            for plan, ok in zip(device_plans, flags):
+                if not ok:
+                    raise RuntimeError(
+                        f"non-finite gradient in {plan.label} {plan.check} (step {plan.step}); nothing was "
+                        "updated: skip this batch (zero_grad) and continue"
+                    )
 
     # torch.compile: the step runs eagerly behind one graph break (dynamo.disable). It is host logic
     # (refresh schedules, SVDs, Python counters) that would otherwise be traced and guarded on every
@@ -203,14 +305,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
         settings, e.g. an lr set by a scheduler, apply as usual.
         """
-        where = self._positions().get(param)
-        if where is None:
+        if param not in self._positions():
             raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
-        group, i, position = where
-        check_hyperparameters(group)
-        work = self._plan_param(group, i, param, position)
-        if work is not None:
-            self._engine().step(self, [work])
+        work = self._plan([param])
+        if work:
+            self._engine().step(self, work)
 
     # ---- the whole-model step engine and CUDA graphs -------------------------------------------------
     def _engine(self) -> StepEngine:
@@ -311,28 +410,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's loader, except that moments kept at an explicit ``state_dtype`` keep that dtype.
+        """torch.optim's loader (its pre- and post-hooks included), with three differences:
 
-        torch.optim casts every floating state tensor to its parameter's dtype and device; that is what we
-        want for bases (the gradient's dtype) and default moments, but it would round fp32 moments of a
-        bf16 weight to bf16.
+        * everything is validated first and nothing is loaded when anything is refused: torch.optim
+          checkpoints, other group layouts or shapes, missing or ill-formed state (the error names the
+          parameter and the key); galore-torch checkpoints are converted (lowrank_kernels.checkpoint);
+        * moments kept at an explicit ``state_dtype`` keep that dtype (torch.optim would cast fp32 moments
+          of a bf16 weight to bf16); other tensors follow the parameter's device and dtype as in torch.optim;
+        * the loaded tensors are copies, never aliases of the checkpoint's.
         """
-        saved_state = dict(state_dict["state"])
-        kept = {}
-        for group in state_dict["param_groups"]:
-            dtype = STATE_DTYPES.get(group.get("state_dtype"))
-            if dtype is None:
-                continue
-            for idx in group["params"]:
-                if idx in saved_state:
-                    entry = dict(saved_state[idx])
-                    kept[idx] = (dtype, {k: entry.pop(k) for k in MOMENT_KEYS if k in entry})
-                    saved_state[idx] = entry
-        super().load_state_dict({**state_dict, "state": saved_state})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for idx, p in zip(saved_ids, params):
-            if idx in kept:
-                dtype, moments = kept[idx]
-                for key, value in moments.items():
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        param_groups, state = prepare_load(self, state_dict)
+        self.__setstate__({"state": state, "param_groups": param_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -4,7 +4,8 @@ One projected step of a 2-D weight ``W`` (m x n) with gradient ``G``, following 
 order of operations (../shared/research/galore_reference.md):
 
 1. project:      R = P^T G (left), R = G Q (right), R = P^T G Q (full); no basis: R = G (plain AdamW)
-2. low-rank Adam: M <- b1 M + (1 - b1) R;  V <- b2 V + (1 - b2) R^2;  N = M / (sqrt(V) + eps)
+2. low-rank Adam: M <- b1 M + (1 - b1) R;  V <- b2 V + (1 - b2) R^2;  N = M / (sqrt(V) + eps), the
+   last in fp32 from the moments as stored, rounded once to R's dtype
 3. back-project:  U = scale * (P N | N Q^T | P N Q^T)
 4. update:        W <- W - step_size * U, then W <- W - lr * wd * W (decay after the update)
 
@@ -41,9 +42,11 @@ def adam_normalize(R, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: floa
     """Update the moments in place; return N = M / (sqrt(V) + eps) in R's dtype."""
     exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-    # Moments may be kept in a wider dtype than R (state precision); N goes back to R's dtype so the
-    # back-projection runs in the basis dtype, as galore-torch does.
-    return (exp_avg / exp_avg_sq.sqrt().add_(eps)).to(R.dtype)
+    # The one eps rule of every backend: N from the moments as stored, computed in fp32 and rounded once
+    # to R's dtype (the back-projection runs in the basis dtype, as galore-torch's does). In a 16-bit
+    # dtype eps itself could round away (fp16 flushes eps < 6e-8 to 0, and then M / 0 = inf); for fp32
+    # moments this is exactly galore-torch's M / (sqrt(V) + eps).
+    return (exp_avg.float() / exp_avg_sq.float().sqrt().add_(eps)).to(R.dtype)
 
 
 def project_back(N, P: Optional[torch.Tensor], Q: Optional[torch.Tensor], scale: float) -> torch.Tensor:

@@ -1,14 +1,25 @@
-"""Hyperparameter checks shared by construction and every step (a step validates before it mutates)."""
+"""Checks shared by construction, every step and checkpoint loading (a step validates before it mutates).
+
+* hyperparameters of a group (:func:`check_hyperparameters`), after :func:`fill_defaults` has given the
+  group the keys its current choices read;
+* whether a parameter can sit in a projected group (:func:`check_projectable`);
+* whether a parameter's optimizer state still fits the parameter (:func:`check_state_fits`, every step)
+  and whether a loaded checkpoint entry is complete and well-formed (:func:`check_loaded_entry`).
+"""
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional
 
 import torch
 
-from .projection import (BASIS_SOURCES, MOMENT_RULES, PROJ_TYPES, RANK_POLICIES, REFRESH_POLICIES,
-                         STATE_DTYPES)
+from .projection import (BASIS_KEYS, BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS,
+                         PROJ_TYPES, PROJECTED_DEFAULTS, RANK_POLICIES, REFRESH_POLICIES, STATE_DTYPES,
+                         lowrank_shape, matrix_shape, max_rank, orientation)
 
-__all__ = ["check_hyperparameters", "is_int", "is_real"]
+__all__ = ["check_hyperparameters", "check_loaded_entry", "check_projectable", "check_state_fits",
+           "expected_side", "fill_defaults", "is_int", "is_real", "stored_side"]
 
 
 def is_int(x) -> bool:
@@ -19,11 +30,32 @@ def is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def fill_defaults(group: dict, defaults: dict) -> None:
+    """Give ``group`` every key its current choices read: the optimizer's defaults, the projected keys
+    when it has ``rank``, and the keys of the policies it selects.
+
+    Runs at construction, before every step and on loading, so a policy switched later in
+    ``param_groups`` (``rank_policy="energy"`` set by hand) gets its keys' defaults as at construction.
+    """
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    if "rank" not in group:
+        return
+    for key, value in PROJECTED_DEFAULTS.items():
+        group.setdefault(key, value)
+    for (key, choice), extra in POLICY_DEFAULTS.items():
+        if isinstance(group[key], str) and group[key] == choice:
+            for name, value in extra.items():
+                group.setdefault(name, value)
+
+
 def check_hyperparameters(group: dict) -> None:
     """Raise ValueError naming the first invalid value; shared by construction and every step."""
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     if isinstance(lr, torch.Tensor):
-        lr = lr.item() if lr.numel() == 1 else float("nan")
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        lr = lr.item()
     if not is_real(lr) or lr < 0.0:
         raise ValueError(f"Invalid learning rate: {group['lr']!r} (must be a finite number >= 0)")
     betas = group["betas"]
@@ -36,6 +68,11 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid epsilon value: {eps!r} (must be a finite number >= 0)")
     if not is_real(wd) or wd < 0.0:
         raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a finite number >= 0)")
+    for key in ("correct_bias", "check_finite"):
+        if key in group and not isinstance(group[key], bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
+    if "seed" in group and not is_int(group["seed"]):
+        raise ValueError(f"Invalid seed: {group['seed']!r} (must be an integer)")
     if group.get("state_dtype") not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (must be one of {tuple(STATE_DTYPES)})")
     if "rank" not in group:
@@ -51,7 +88,7 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (must be one of {PROJ_TYPES})")
     for key, choices in (("projector", BASIS_SOURCES), ("rank_policy", RANK_POLICIES),
                          ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES)):
-        if group[key] not in choices:
+        if not isinstance(group[key], str) or group[key] not in choices:
             raise ValueError(f"Invalid {key}: {group[key]!r} (must be one of {tuple(choices)})")
     if group["rank_policy"] == "energy":
         xi, low, high = group["energy_threshold"], group["min_rank"], group["max_rank"]
@@ -71,3 +108,156 @@ def check_hyperparameters(group: dict) -> None:
         tol = group["convergence_tol"]
         if not is_real(tol) or tol < 0.0:
             raise ValueError(f"Invalid convergence_tol: {tol!r} (must be a finite number >= 0)")
+
+
+def check_projectable(p: torch.Tensor, rank: int, label) -> None:
+    """Can ``p`` sit in a projected group whose policy may choose ranks up to ``rank``? (ValueError;
+    ``label`` names the parameter and its shape)"""
+    problem = _projectable_problem(p.shape, p.is_complex(), rank)
+    if problem:
+        raise ValueError(problem.format(label=label))
+
+
+@functools.lru_cache(maxsize=4096)
+def _projectable_problem(shape: torch.Size, is_complex: bool, rank: int) -> Optional[str]:
+    """The error template for ``check_projectable``, or None; cached: it runs for every weight at every
+    step, and shapes and ranks rarely change."""
+    if len(shape) < 2:
+        return (f"{{label}} sits in a projected group (rank={rank}) but has {len(shape)} dimension(s): "
+                "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) in a "
+                "group without 'rank'")
+    if is_complex:
+        return "{label} is complex; GaLoreAdamW supports real parameters only"
+    m, n = matrix_shape(shape)
+    if rank >= min(m, n):
+        return (f"rank={rank} is too large for {{label}} (as a {m}x{n} matrix): "
+                f"need 1 <= rank < min(m, n) = {min(m, n)}; use a plain AdamW group for this weight")
+    return None
+
+
+# ---- optimizer state ----------------------------------------------------------------------------------
+def stored_side(entry: dict) -> Optional[str]:
+    """The side a state entry's basis projects ("left", "right", "full"), None without a basis."""
+    left, right = "proj_left" in entry, "proj_right" in entry
+    return "full" if left and right else "left" if left else "right" if right else None
+
+
+def expected_side(group: dict, shape) -> Optional[str]:
+    """The side ``group`` projects a parameter of ``shape`` on (None: a plain AdamW group)."""
+    if "rank" not in group:
+        return None
+    return _side_of(group["proj_type"], shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _side_of(proj_type: str, shape: torch.Size) -> str:
+    return orientation(proj_type, *matrix_shape(shape))
+
+
+def _expected_shapes(entry: dict, shape) -> dict:
+    """Shapes of the entry's tensors for a parameter of ``shape``, in the layout the entry was made for."""
+    side = stored_side(entry)
+    if side is None:
+        return {key: tuple(shape) for key in MOMENT_KEYS}
+    m, n = matrix_shape(shape)
+    r = entry.get("rank")
+    shapes = {key: lowrank_shape(side, m, n, r) for key in MOMENT_KEYS}
+    if side in ("left", "full"):
+        shapes["proj_left"] = (m, r)
+    if side in ("right", "full"):
+        shapes["proj_right"] = (n, r)
+    return shapes
+
+
+def check_state_fits(entry: dict, shape: torch.Size, label) -> object:
+    """RuntimeError unless the moments and basis in ``entry`` fit a parameter of ``shape``; returns the
+    side the entry's basis projects (None: a plain AdamW state; False: no moments or basis yet).
+
+    They were sized when the state was created; a parameter resized since (``p.data = bigger``) no longer
+    matches them, and stepping it would fail half-way or mix unrelated numbers. Runs for every parameter
+    at every step, so the common case is a few shape comparisons.
+    """
+    M, V = entry.get("exp_avg"), entry.get("exp_avg_sq")
+    P, Q = entry.get("proj_left"), entry.get("proj_right")
+    if P is None and Q is None:
+        if M is None and V is None:
+            return False
+        fits = (M is None or M.shape == shape) and (V is None or V.shape == shape)
+        side = None
+    else:  # inline arithmetic: this is the per-parameter, per-step path
+        side = "full" if P is not None and Q is not None else "left" if P is not None else "right"
+        m = shape[0]
+        n = shape.numel() // m if m else matrix_shape(shape)[1]
+        r = entry.get("rank")
+        low = (r, n) if side == "left" else (m, r) if side == "right" else (r, r)
+        fits = ((P is None or P.shape == (m, r)) and (Q is None or Q.shape == (n, r))
+                and (M is None or M.shape == low) and (V is None or V.shape == low))
+    if not fits:
+        for key, want in _expected_shapes(entry, shape).items():
+            value = entry.get(key)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(want):
+                raise RuntimeError(
+                    f"{label}: its optimizer state {key!r} has shape {tuple(value.shape)}, but a parameter "
+                    f"of this shape needs {tuple(want)}; the parameter was resized after its state was "
+                    "created. Nothing was updated; to restart this parameter's optimizer state, "
+                    "`del optimizer.state[param]`"
+                )
+    return side
+
+
+def _nonneg_int(entry: dict, key: str, label: str, required: bool) -> None:
+    if key not in entry:
+        if required:
+            raise ValueError(f"{label}: checkpoint state has no {key!r}")
+        return
+    value = entry[key]
+    if not is_int(value) or value < 0:
+        hint = (" (a tensor step is torch.optim's format; GaLoreAdamW writes plain ints)"
+                if key == "step" and isinstance(value, torch.Tensor) else "")
+        raise ValueError(f"{label}: checkpoint state {key!r} must be an integer >= 0, got {value!r}{hint}")
+
+
+def check_loaded_entry(entry: dict, group: dict, shape, label: str) -> None:
+    """ValueError naming ``label`` and the key unless ``entry`` is a complete, well-formed state for a
+    parameter of ``shape`` in ``group`` (the checkpoint's group, which replaces the current one)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{label}: checkpoint state must be a dict, got {type(entry).__name__}")
+    if not entry:
+        return
+    _nonneg_int(entry, "step", label, required=True)
+    side, want_side = stored_side(entry), expected_side(group, shape)
+    required = list(MOMENT_KEYS)
+    if want_side is not None:
+        m, n = matrix_shape(shape)
+        required += [k for k, s in (("proj_left", ("left", "full")), ("proj_right", ("right", "full")))
+                     if want_side in s]
+        for key in ("rank", "refreshes", "last_refresh"):
+            _nonneg_int(entry, key, label, required=True)
+        if not 1 <= entry["rank"] < min(m, n):
+            raise ValueError(f"{label}: checkpoint state 'rank' = {entry['rank']} is outside "
+                             f"[1, min(m, n) = {min(m, n)}) for a {m}x{n} weight")
+    for key in required:
+        if key not in entry:
+            raise ValueError(f"{label}: checkpoint state has no {key!r}")
+    if side != want_side:
+        extra = [k for k in BASIS_KEYS if k in entry and k not in required]
+        if want_side is None:
+            raise ValueError(f"{label}: checkpoint state has {extra} but its param group has no 'rank' "
+                             "(a plain AdamW group keeps no basis)")
+        raise ValueError(f"{label}: checkpoint state has {extra}, but proj_type={group['proj_type']!r} "
+                         f"projects the {want_side} side of this {m}x{n} weight")
+    for key, want in _expected_shapes(entry, shape).items():
+        value = entry[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = f"a tensor of {value.dtype}" if isinstance(value, torch.Tensor) else repr(type(value).__name__)
+            raise ValueError(f"{label}: checkpoint state {key!r} must be a real floating-point tensor, got {got}")
+        if tuple(value.shape) != tuple(want):
+            raise ValueError(f"{label}: checkpoint state {key!r} has shape {tuple(value.shape)}, expected "
+                             f"{tuple(want)} (is the checkpoint from a model with other shapes or settings?)")
+    for key in ("moment_start", "streak"):
+        _nonneg_int(entry, key, label, required=False)
+    if "gap" in entry and (not is_int(entry["gap"]) or entry["gap"] < 1):
+        raise ValueError(f"{label}: checkpoint state 'gap' must be an integer >= 1, got {entry['gap']!r}")
+    norm = entry.get("proj_norm", 0.0)
+    if not isinstance(norm, (int, float)) or isinstance(norm, bool):
+        raise ValueError(f"{label}: checkpoint state 'proj_norm' must be a number, got {norm!r}")
