@@ -109,6 +109,18 @@ def run_stage(name: str, cmd: list[str], limit: float, log_dir: str, env: dict |
     return {"stage": name, "status": status, "seconds": round(seconds, 1), "log": log_path}
 
 
+def use_checkout(py: str) -> bool:
+    """Whether scripts outside the repository root must import ./lowrank_kernels: it has an in-place
+    build of the extension, or no installed copy exists (then the benchmarks still run, on the
+    PyTorch rsvd, and say so)."""
+    if any(f.startswith("_C") for f in os.listdir(os.path.join(REPO, "lowrank_kernels"))):
+        return True
+    probe = subprocess.run([py, "-c", "import importlib.util, sys; "
+                                      "sys.exit(importlib.util.find_spec('lowrank_kernels') is None)"],
+                           cwd=tempfile.gettempdir(), capture_output=True, timeout=60)
+    return probe.returncode != 0
+
+
 def tail(path: str, lines: int = 25) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -171,11 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"=== [{name}] skipped: the {args.budget:.0f} s budget is spent", flush=True)
             report.append({"stage": name, "status": "skipped (no time left)", "seconds": 0.0, "log": ""})
             continue
-        cwd = REPO
-        if name == "import":
-            cwd = tempfile.mkdtemp(prefix="lowrank_import_")  # away from ./lowrank_kernels
-            if any(f.startswith("_C") for f in os.listdir(os.path.join(REPO, "lowrank_kernels"))):
-                env = {**env, "PYTHONPATH": REPO}  # the in-place fallback build
+        cwd = tempfile.mkdtemp(prefix="lowrank_import_") if name == "import" else REPO  # away from ./lowrank_kernels
+        if name in ("import", "bench-step", "bench-rsvd") and use_checkout(py):
+            env = {**env, "PYTHONPATH": REPO}  # an in-place build, or nothing installed
         report.append(run_stage(name, cmd, min(limit, left), log_dir, env=env, cwd=cwd))
 
     failed = [r for r in report if r["status"] != "ok"]
