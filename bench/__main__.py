@@ -1,9 +1,15 @@
-"""Run every benchmark and plot its results: ``python -m bench [--quick]`` from the repository root.
+"""Run every benchmark and plot its results: ``python -m bench [--quick] [--out DIR]`` from the repository root.
 
 A thin runner: each script runs in its own process (as ``python bench/<script>.py``, so its
 ``from common import ...`` works and its argument parsing is its own) and writes its markdown and JSON
-with device and versions via bench/common.write_results; a script that needs a GPU says so on a machine
-without one and measures nothing. Then every results JSON written in this run gets a PNG bar chart.
+with device, versions and min/median/max timings via bench/common.write_results; a script that needs a
+GPU says so on a machine without one and measures nothing. Then every results JSON written in this run
+gets a PNG bar chart.
+
+Results go to bench/results/ for a full run and to a fresh scratch directory for ``--quick`` (a quick
+run never writes to bench/results/); ``--out DIR`` chooses. ``python -m bench --gpu`` is the one
+command for a GPU machine (bench/gpu.py: build the extension, run the GPU tests and the goal-shape
+benchmarks).
 """
 from __future__ import annotations
 
@@ -12,9 +18,22 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # optional: the GPU machine may not have it
+    class tqdm:  # noqa: N801
+        def __init__(self, items, **_):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+        @staticmethod
+        def write(text):
+            print(text, flush=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -68,7 +87,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CPU-friendly)")
     parser.add_argument("--only", nargs="+", metavar="SCRIPT", help=f"a subset of {SCRIPTS}")
-    args = parser.parse_args()
+    parser.add_argument("--out", metavar="DIR", help="results directory (default: bench/results/; "
+                                                     "with --quick, a new scratch directory)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU machine's run: see bench/gpu.py "
+                                                           "(other options are ignored)")
+    args, rest = parser.parse_known_args()
+    if args.gpu:
+        sys.path.insert(0, HERE)
+        import gpu
+        sys.exit(gpu.main(rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    out = os.path.abspath(args.out) if args.out else (
+        tempfile.mkdtemp(prefix="lowrank_bench_quick_") if args.quick else RESULTS)
+    os.makedirs(out, exist_ok=True)
+    print(f"results go to {out}")
+    env = {**os.environ, "BENCH_RESULTS_DIR": out}
     start = time.time()
     failed = []
     for script in tqdm(args.only or SCRIPTS, desc="benchmarks", unit="script"):
@@ -79,11 +113,10 @@ def main() -> None:
             continue
         tqdm.write(f"== {script}")
         cmd = [sys.executable, path] + (["--quick"] if args.quick else [])
-        if subprocess.run(cmd, cwd=HERE).returncode != 0:
+        if subprocess.run(cmd, cwd=HERE, env=env).returncode != 0:
             failed.append(script)
-    os.makedirs(RESULTS, exist_ok=True)
-    written = sorted(os.path.join(RESULTS, f) for f in os.listdir(RESULTS)
-                     if f.endswith(".json") and os.path.getmtime(os.path.join(RESULTS, f)) >= start)
+    written = sorted(os.path.join(out, f) for f in os.listdir(out)
+                     if f.endswith(".json") and os.path.getmtime(os.path.join(out, f)) >= start)
     for json_path in written:
         png = plot(json_path)
         print(f"{json_path[:-5]}.{{md,json}}" + (f" + {os.path.basename(png)}" if png else ""))

@@ -14,7 +14,11 @@ cusolverDnXgesvdr is not measured: PyTorch has no binding for it (it would need 
 own), and it needs full-size U and V buffers (n x n: 485 MB for V at 4096 x 11008).
 
     python bench/bench_rsvd.py            # 4096x4096, 4096x11008, 11008x4096; k = 128, 512, 1024
+    python bench/bench_rsvd.py --shapes 4096x11008 --ranks 128 512 1024 --dtypes bfloat16   # goal shapes
     python bench/bench_rsvd.py --quick    # small shapes, to exercise the code
+
+``--dtypes`` picks the inputs of ours (fp32 and bf16 by default); torch.svd_lowrank and
+torch.linalg.svd always take the fp32 matrix (neither accepts bf16).
 """
 from __future__ import annotations
 
@@ -53,6 +57,10 @@ def residual_ratio(A: torch.Tensor, U: torch.Tensor, best: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and ranks")
+    parser.add_argument("--shapes", nargs="+", metavar="MxN", help="default: 4096x4096 4096x11008 11008x4096")
+    parser.add_argument("--ranks", nargs="+", type=int, help="default: 128 512 1024")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="inputs of ours (default: both)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: bench_rsvd needs a GPU; nothing measured")
@@ -64,6 +72,11 @@ def main() -> None:
         shapes, ranks = [(512, 512), (512, 1376), (1376, 512)], [16, 64]
     else:
         shapes, ranks = [(4096, 4096), (4096, 11008), (11008, 4096)], [128, 512, 1024]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
+    ranks = args.ranks or ranks
+    kernel = "compiled CUDA kernel" if ext_ok else f"PyTorch kernel ({ext_reason})"
+    print(f"rsvd on CUDA runs the {kernel}")
     ours_name = "lowrank_kernels.rsvd" + ("" if ext_ok else " (PyTorch fallback)")
 
     rows = []
@@ -75,11 +88,12 @@ def main() -> None:
         for k in tqdm(ranks, desc=f"{m}x{n}", leave=False):
             best = S_exact[k:].norm().item()
             q = k + OVERSAMPLE
-            runs = {
-                (ours_name, "fp32"): lambda: rsvd(A, k, oversample=OVERSAMPLE, niter=NITER),
-                (ours_name, "bf16"): lambda: rsvd(A16, k, oversample=OVERSAMPLE, niter=NITER),
-                ("torch.svd_lowrank", "fp32"): lambda: torch.svd_lowrank(A, q=q, niter=NITER),
-            }
+            runs = {}
+            if "float32" in args.dtypes:
+                runs[(ours_name, "fp32")] = lambda: rsvd(A, k, oversample=OVERSAMPLE, niter=NITER)
+            if "bfloat16" in args.dtypes:
+                runs[(ours_name, "bf16")] = lambda: rsvd(A16, k, oversample=OVERSAMPLE, niter=NITER)
+            runs[("torch.svd_lowrank", "fp32")] = lambda: torch.svd_lowrank(A, q=q, niter=NITER)
             times = {key: timeit(fn, warmup=3, rep=10) for key, fn in runs.items()}
             ratios = {key: residual_ratio(A, fn()[0][:, :k], best) for key, fn in runs.items()}
             times[("torch.linalg.svd", "fp32")] = svd_ms
@@ -95,7 +109,7 @@ def main() -> None:
         del A, A16
         torch.cuda.empty_cache()
 
-    meta = {**environment(), "oversample": OVERSAMPLE, "niter": NITER, "quick": args.quick,
+    meta = {**environment(), "rsvd kernel": kernel, "oversample": OVERSAMPLE, "niter": NITER, "quick": args.quick,
             "spectrum": "1/(1+i)"}
     columns = ["shape", "k", "method", "input", "ms", "linalg.svd / this", "svd_lowrank / this",
                "residual ratio"]

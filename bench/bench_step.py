@@ -23,6 +23,7 @@ overhead. "x floor" is the time over three passes of m x n at the copy bandwidth
 run; ratios are ``other / this`` (above 1: this row is faster).
 
     python bench/bench_step.py            # needs a GPU
+    python bench/bench_step.py --shapes 4096x11008 --ranks 128 512 1024 --dtypes bfloat16   # goal shapes
     python bench/bench_step.py --quick    # tiny shapes on CPU, reference backend only: exercises the code
 """
 from __future__ import annotations
@@ -115,6 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, reference backend only")
+    parser.add_argument("--shapes", nargs="+", metavar="MxN", help=f"default: {' '.join(f'{m}x{n}' for m, n in SHAPES)}")
+    parser.add_argument("--ranks", nargs="+", type=int, help=f"default: {' '.join(map(str, RANKS))}")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float16"],
+                        help="default: bfloat16 float32")
     args = parser.parse_args()
     if not args.quick and not torch.cuda.is_available():
         print("no CUDA device: bench_step needs a GPU; nothing measured")
@@ -127,8 +132,12 @@ def main() -> None:
     kinds = (["ours"] if not args.quick else []) + ["reference"] + (["galore-torch"] if galore_torch else [])
     kinds.append("AdamW fused")
     bytes_per_ms = copy_bandwidth(device, 2**24 if args.quick else 2**30)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
+    ranks = args.ranks or ranks
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else DTYPES
     adamw_ms, rows = {}, []
-    for dtype in DTYPES:
+    for dtype in dtypes:
         for m, n in shapes:
             for rank in ranks:
                 times = measure(m, n, rank, dtype, device, kinds, warmup, rep, adamw_ms)

@@ -2,9 +2,16 @@
 
     from common import environment, timeit, write_results
 
-    ms = timeit(fn, warmup=3, rep=10)                 # median milliseconds of fn()
+    ms = timeit(fn, warmup=3, rep=10)     # a Timing: the median in ms, with .min, .max and .runs
     write_results("rsvd", rows, {**environment(), "quick": False}, columns)
-    # -> bench/results/rsvd_<device>_<date>.md and .json
+    # -> <results dir>/rsvd_<device>_<date>.md and .json
+
+Every table records min, median and max: a column whose cells are Timings (``round()`` keeps them
+Timings) is written as the median, followed by "<column> min" and "<column> max".
+
+Where results go (:func:`results_dir`): $BENCH_RESULTS_DIR when set (``python -m bench --out DIR``
+sets it), else a scratch directory for quick runs (so a quick run never touches bench/results/), else
+bench/results/.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -27,10 +35,32 @@ except ImportError:
     do_bench = None
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SCRATCH_DIR = os.path.join(tempfile.gettempdir(), "lowrank_kernels_bench_quick")
 
 
-def timeit(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
-    """Median time of ``fn()`` in milliseconds, over ``rep`` calls after ``warmup`` calls.
+class Timing(float):
+    """Milliseconds: the median of ``runs`` timed calls as a float, with their ``min`` and ``max``
+    (``runs`` is 0 when triton's do_bench reported only those three)."""
+
+    def __new__(cls, median: float, low: float, high: float, runs: int):
+        self = super().__new__(cls, median)
+        self.min, self.max, self.runs = float(low), float(high), runs
+        return self
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> "Timing":
+        times = [float(t) for t in times]
+        return cls(statistics.median(times), min(times), max(times), len(times))
+
+    def __round__(self, ndigits=None):
+        return Timing(round(float(self), ndigits), round(self.min, ndigits), round(self.max, ndigits), self.runs)
+
+    def __reduce__(self):
+        return (Timing, (float(self), self.min, self.max, self.runs))
+
+
+def timeit(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> Timing:
+    """Time ``fn()`` in milliseconds over ``rep`` calls after ``warmup`` calls: median, min and max.
 
     On a CUDA machine the work is timed on the GPU: with ``triton.testing.do_bench`` when triton
     imports (it clears the L2 cache before each call), else with CUDA events. On CPU, wall time with
@@ -46,8 +76,12 @@ def timeit(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
             fn()
             torch.cuda.synchronize()
             once_ms = (time.perf_counter() - start) * 1e3
-            return float(do_bench(fn, warmup=max(warmup * once_ms, 1e-3), rep=max(rep * once_ms, 1e-3),
-                                  return_mode="median"))
+            budget = dict(warmup=max(warmup * once_ms, 1e-3), rep=max(rep * once_ms, 1e-3))
+            try:
+                return Timing.of(do_bench(fn, return_mode="all", **budget))
+            except (AssertionError, TypeError, ValueError):  # a triton without return_mode="all"
+                low, median, high = do_bench(fn, quantiles=[0.0, 0.5, 1.0], **budget)
+                return Timing(median, low, high, runs=0)
         for _ in range(warmup):
             fn()
         times = []
@@ -58,7 +92,7 @@ def timeit(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end))
-        return statistics.median(times)
+        return Timing.of(times)
     for _ in range(warmup):
         fn()
     times = []
@@ -66,7 +100,7 @@ def timeit(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return Timing.of(times)
 
 
 def _cpu_name() -> str:
@@ -104,14 +138,43 @@ def environment() -> dict:
     return env
 
 
+def results_dir(quick: bool = False) -> str:
+    """$BENCH_RESULTS_DIR if set; else a scratch directory for quick runs; else bench/results/."""
+    chosen = os.environ.get("BENCH_RESULTS_DIR")
+    if chosen:
+        return os.path.abspath(chosen)
+    return SCRATCH_DIR if quick else RESULTS_DIR
+
+
+def _expand_timings(rows: Sequence[dict], columns: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """Each column holding Timings becomes three: the median (same name), "<name> min", "<name> max"."""
+    timed = [c for c in columns if any(isinstance(row.get(c), Timing) for row in rows)]
+    out_columns = []
+    for c in columns:
+        out_columns += [c, f"{c} min", f"{c} max"] if c in timed else [c]
+    out_rows = []
+    for row in rows:
+        row = dict(row)
+        for c in timed:
+            value = row.get(c)
+            if isinstance(value, Timing):
+                row[c], row[f"{c} min"], row[f"{c} max"] = float(value), value.min, value.max
+        out_rows.append(row)
+    return out_rows, out_columns
+
+
 def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence[str],
                   directory: str | None = None) -> tuple[str, str]:
-    """Write ``rows`` as a markdown table and as JSON to bench/results/<name>_<device>_<date>.{md,json}.
+    """Write ``rows`` as a markdown table and as JSON to <results dir>/<name>_<device>_<date>.{md,json}.
 
-    ``meta`` (usually :func:`environment` plus the run's options) heads both files. The table is
-    printed too; returns the two paths. ``directory`` replaces bench/results/.
+    ``meta`` (usually :func:`environment` plus the run's options) heads both files; the directory is
+    :func:`results_dir` (quick runs: scratch) unless ``directory`` is given. The table is printed too;
+    returns the two paths.
     """
-    directory = directory or RESULTS_DIR
+    rows, columns = _expand_timings(rows, columns)
+    if any(c.endswith(" min") for c in columns):
+        meta = {**meta, "timings": "each time column is the median of the timed runs, with min and max"}
+    directory = directory or results_dir(bool(meta.get("quick")))
     os.makedirs(directory, exist_ok=True)
     device = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower()).strip("-")
     stem = os.path.join(directory, f"{name}_{device}_{meta.get('date', datetime.date.today().isoformat())}")

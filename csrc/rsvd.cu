@@ -8,10 +8,9 @@
 // A (b, m, n) batch runs every product as one strided-batched gemm and the factorizations per
 // element (cuSOLVER has no batched QR for these sizes); devInfo is read once, at the end.
 
-#include <c10/util/Exception.h>  // before PhiloxRNGEngine.h, which uses AT_ASSERT without it
-#include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/Exceptions.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/tril.h>
@@ -21,48 +20,28 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <initializer_list>
+#include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 namespace lowrank_kernels {
 namespace {
 
-constexpr int kThreads = 256;
-
-// Standard-normal sketch: `batch` matrices of `numel` entries each, stored back to back. Entry j of
-// matrix e is a function of (seed + e, j) alone (counter-based Philox), so the sketch is the same
-// on every call, stream, launch shape and replica, and element e of a batch equals a single call
-// with seed + e. Each thread turns one 128-bit Philox block into four normals (Box-Muller pairs).
-__global__ void gaussian_sketch_kernel(float* out, int64_t numel, int64_t groups, int64_t batch,
-                                       uint64_t seed) {
-  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (t >= batch * groups) return;
-  const int64_t e = t / groups;
-  const int64_t g = t % groups;
-  at::Philox4_32 rng(seed + static_cast<uint64_t>(e), /*subsequence=*/static_cast<uint64_t>(g));
-  float z[4];
-  for (int pair = 0; pair < 2; ++pair) {
-    // 24-bit uniforms centred in their bins: strictly inside (0, 1), so logf never sees 0.
-    const float u1 = (static_cast<float>(rng() >> 8) + 0.5f) * 0x1p-24f;
-    const float u2 = (static_cast<float>(rng() >> 8) + 0.5f) * 0x1p-24f;
-    const float r = sqrtf(-2.0f * logf(u1));
-    float s, c;
-    sincospif(2.0f * u2, &s, &c);
-    z[2 * pair] = r * c;
-    z[2 * pair + 1] = r * s;
+// The Gaussian sketch of one element: `omega` is a contiguous (w, N) tensor, i.e. the column-major
+// N x w test matrix. It is filled exactly as linalg.py's gaussian_test_matrix does on this device,
+// torch.randn((w, N), generator=torch.Generator(device).manual_seed(seed)), so the compiled and the
+// PyTorch kernel draw the same matrix for a seed. (torch.Generator() and manual_seed() are
+// createCUDAGenerator and set_current_seed; a negative seed wraps to uint64 in both.)
+void gaussian_sketch(at::Tensor omega, int64_t seed) {
+  at::Generator gen = at::cuda::detail::createCUDAGenerator(omega.device().index());
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_current_seed(static_cast<uint64_t>(seed));
   }
-  float* dst = out + e * numel + 4 * g;
-  const int64_t left = numel - 4 * g;
-  for (int i = 0; i < 4 && i < left; ++i) dst[i] = z[i];
-}
-
-void gaussian_sketch(float* out, int64_t numel, int64_t batch, int64_t seed, cudaStream_t stream) {
-  const int64_t groups = (numel + 3) / 4;
-  const int64_t blocks = (batch * groups + kThreads - 1) / kThreads;
-  gaussian_sketch_kernel<<<blocks, kThreads, 0, stream>>>(out, numel, groups, batch,
-                                                          static_cast<uint64_t>(seed));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  omega.normal_(0.0, 1.0, gen);
 }
 
 // cuSOLVER's devInfo of every call stays on the device, one slot per routine and batch element,
@@ -177,10 +156,14 @@ class HandleModes {
 #endif
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, int64_t k,
-                                                         int64_t oversample, int64_t niter,
-                                                         int64_t seed) {
-  // The checks and messages of linalg.py's _check_args, with the same Python exception types.
+// The argument checks and the input preparation of the CUDA kernel, device-independent so that they
+// are testable without a GPU (registered as lowrank_kernels::_rsvd_prepare below). The checks and
+// messages are linalg.py's _check_args, with the same Python exception types. Returns A as fp32
+// (every input dtype is converted once) and row-major contiguous, as the kernel reads it with lda = n:
+// .to() keeps a strided fp32 input's strides, so .contiguous() is what copies it; a contiguous fp32 A
+// is returned as is (the kernel only reads it).
+at::Tensor check_and_prepare(const at::Tensor& A, int64_t k, int64_t oversample, int64_t niter,
+                             int64_t seed, const std::optional<at::Tensor>& seeds) {
   TORCH_CHECK_VALUE(A.dim() == 2 || A.dim() == 3,
                     "rsvd expects a 2-D matrix or a 3-D batch of matrices, got shape ", A.sizes());
   TORCH_CHECK_TYPE(A.is_floating_point(), "rsvd expects a real floating-point tensor, got ",
@@ -188,8 +171,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, in
   const int64_t m = A.size(-2), n = A.size(-1);
   TORCH_CHECK_VALUE(1 <= k && k <= std::min(m, n), "rsvd: k=", k, " must be in [1, min(m, n)=",
                     std::min(m, n), "] for a ", m, "x", n, " matrix");
-  TORCH_CHECK_VALUE(oversample >= 0 && niter >= 0, "rsvd: oversample (", oversample,
-                    ") and niter (", niter, ") must be >= 0");
+  TORCH_CHECK_VALUE(oversample >= 0, "rsvd: oversample=", oversample, " must be in [0, ", INT64_MAX,
+                    "]");
+  TORCH_CHECK_VALUE(niter >= 0, "rsvd: niter=", niter, " must be in [0, ", INT64_MAX, "]");
+  if (seeds.has_value()) {
+    const at::Tensor& s = *seeds;
+    TORCH_CHECK_VALUE(A.dim() == 3, "rsvd: per-element seeds are for a (b, m, n) batch; a single "
+                      "matrix takes seed=int");
+    TORCH_CHECK_VALUE(seed == 0, "rsvd: give either seed (the same for every element) or seeds (one "
+                      "per element)");
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong && s.device().is_cpu() && s.dim() == 1,
+                     "rsvd: seeds must be a 1-D int64 CPU tensor, got ", s.scalar_type(),
+                     " of shape ", s.sizes(), " on ", s.device());
+    TORCH_CHECK_VALUE(s.size(0) == A.size(0), "rsvd: ", s.size(0), " seeds for a batch of ",
+                      A.size(0), " matrices");
+  }
+  return A.to(at::kFloat).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, int64_t k,
+                                                         int64_t oversample, int64_t niter,
+                                                         int64_t seed,
+                                                         const std::optional<at::Tensor>& seeds) {
+  const at::Tensor A32 = check_and_prepare(A, k, oversample, niter, seed, seeds);
+  const int64_t m = A.size(-2), n = A.size(-1);
   TORCH_CHECK(A.is_cuda(), "rsvd (CUDA): expected a CUDA tensor, got device ", A.device());
   TORCH_CHECK(std::max(m, n) <= INT_MAX, "rsvd (CUDA): cuSOLVER's orgqr takes 32-bit sizes, got ",
               m, "x", n);
@@ -208,10 +213,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, in
   at::Tensor S = at::empty(with_batch({k}), opts);
   at::Tensor V = at::empty(with_batch({n, k}), opts);
   if (batch == 0) return {U, S, V};
-
-  // fp32 compute for every input dtype, converted once; a contiguous fp32 A is used as is (read).
-  const at::Tensor A32 = A.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false,
-                              at::MemoryFormat::Contiguous);
 
   // Row-major A (m x n) is column-major A^T (n x m, ld n). The working matrix W is A when m >= n,
   // stored as W^T, and A^T when m < n, stored as W: the gemm transpose flags read it either way.
@@ -261,7 +262,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, in
   // Per element: 1 + 2 * niter QRs of two calls each, one more QR for B^T, one gesvd.
   DevInfo info(batch, 5 + 4 * niter, opts);
 
-  gaussian_sketch(z, N * w, batch, seed, at::cuda::getCurrentCUDAStream());
+  {
+    const at::Tensor host_seeds = seeds.has_value() ? seeds->contiguous() : at::Tensor();
+    const int64_t* per_element = host_seeds.defined() ? host_seeds.const_data_ptr<int64_t>() : nullptr;
+    for (int64_t e = 0; e < batch; ++e) {
+      gaussian_sketch(tall_N.select(0, e), per_element ? per_element[e] : seed);
+    }
+  }
   gemm(c, op_W, CUBLAS_OP_N, M, w, N, a, lda, stride_a, z, N, N * w, y, M, M * w);  // Y = W Omega
   geqrf(c, y, M, w, t, info);
   orgqr(c, y, M, w, t, info);
@@ -310,3 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, in
 }  // namespace lowrank_kernels
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CUDA, m) { m.impl("rsvd", &lowrank_kernels::rsvd_cuda); }
+
+// The CUDA kernel's argument checks and input preparation on any device, for tests without a GPU
+// (tests/test_cuda_ext.py). Not part of the public API.
+TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
+  m.def("_rsvd_prepare(Tensor A, int k, int oversample, int niter, int seed, Tensor? seeds) -> Tensor",
+        &lowrank_kernels::check_and_prepare);
+}

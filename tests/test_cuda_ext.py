@@ -1,9 +1,12 @@
 """The compiled CUDA rsvd (csrc/rsvd.cu): how it loads, how the op falls back, and what it computes.
 
 Loader and fallback tests run everywhere (subprocesses simulate a disabled, a broken and an empty
-extension). The tests of the compiled kernel itself need a CUDA device with the extension built;
-they skip otherwise, and the same contract is tested on CPU against the PyTorch kernel in
-test_rsvd.py. `bash .ci/compile_csrc.sh` is the GPU-free check that csrc/ compiles.
+extension). Where the extension is installed and loads, even without a GPU (CI builds it against a
+CUDA torch on a CPU machine), its argument checks and input preparation are tested on CPU tensors.
+The tests of the compiled kernel itself need a CUDA device with the extension built; they skip
+otherwise, and the same contract is tested on CPU against the PyTorch kernel in test_rsvd.py.
+`bash .ci/compile_csrc.sh` is the GPU-free check that csrc/ compiles; tests/conftest.py picks the
+installed build over ./lowrank_kernels when that build has the extension.
 """
 import importlib.util
 import json
@@ -107,14 +110,72 @@ def test_broken_extension_falls_back_with_its_reason(behaviour, expected):
 
 # ---- the compiled kernel: needs a GPU ---------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(importlib.util.find_spec("lowrank_kernels._C") is None,
-                    reason="extension not built here: LOWRANK_KERNELS_BUILD_CUDA=1 pip install "
+                    reason="extension not built here: LOWRANK_KERNELS_BUILD_CUDA=1 python -m pip install "
                            "--no-build-isolation . builds it")
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU torch cannot load the extension")
 def test_built_extension_is_in_use():
-    """Where the extension was built, a CUDA machine must load it: a silent fallback is a bug."""
+    """Where the extension was built against this CUDA torch, it must load, with or without a GPU:
+    a silent fallback is a bug (this caught the unlinked libtorch_cuda_linalg.so)."""
     assert cuda_ext_available() == (True, "ok")
+
+
+# ---- the compiled kernel's argument checks and input preparation: the extension, no GPU -------------
+
+needs_extension = pytest.mark.skipif(not EXT_OK, reason=f"compiled CUDA rsvd not loaded: {EXT_REASON}")
+
+
+def _prepare(*args):
+    return torch.ops.lowrank_kernels._rsvd_prepare(*args)
+
+
+@needs_extension
+@pytest.mark.parametrize("make", [
+    lambda A: A,                                                          # used as is: no copy
+    lambda A: A.T.contiguous().T,                                         # column-major
+    lambda A: torch.stack([A, A], dim=2).reshape(A.shape[0], -1)[:, ::2],  # column stride 2
+    lambda A: torch.randn(70, A.shape[1])[5:5 + A.shape[0]].copy_(A),      # storage offset
+    lambda A: A.double(),
+    lambda A: A.bfloat16().T.contiguous().T,
+    lambda A: torch.stack([A, A]).transpose(1, 2).contiguous().transpose(1, 2),  # strided batch
+], ids=["contiguous", "column-major", "step-2", "offset", "fp64", "bf16-column-major", "batch"])
+def test_compiled_preparation_gives_a_row_major_fp32_copy(make):
+    """The CUDA kernel reads its input as row-major fp32 with lda = n; a strided input must be copied
+    (it once was read as if it were row-major)."""
+    A = decaying(60, 45)
+    B = make(A)
+    P = _prepare(B, 5, 10, 2, 0, None)
+    assert P.dtype == torch.float32 and P.is_contiguous() and P.shape == B.shape
+    assert torch.equal(P, B.float())
+    if B.dtype == torch.float32 and B.is_contiguous():
+        assert P.data_ptr() == B.data_ptr()  # read only: no copy
+
+
+@needs_extension
+@pytest.mark.parametrize("args,error", [
+    ((torch.randn(5), 1, 10, 2, 0, None), ValueError),
+    ((torch.randn(6, 4), 0, 10, 2, 0, None), ValueError),
+    ((torch.randn(6, 4), 5, 10, 2, 0, None), ValueError),
+    ((torch.randn(0, 6, 4), 5, 10, 2, 0, None), ValueError),
+    ((torch.randn(6, 4), 2, -1, 2, 0, None), ValueError),
+    ((torch.randn(6, 4), 2, 10, -1, 0, None), ValueError),
+    ((torch.ones(6, 4, dtype=torch.int64), 2, 10, 2, 0, None), TypeError),
+    ((torch.randn(6, 4), 2, 10, 2, 0, torch.tensor([1])), ValueError),
+    ((torch.randn(2, 6, 4), 2, 10, 2, 5, torch.tensor([1, 2])), ValueError),
+    ((torch.randn(2, 6, 4), 2, 10, 2, 0, torch.tensor([1, 2, 3])), ValueError),
+    ((torch.randn(2, 6, 4), 2, 10, 2, 0, torch.tensor([1.0, 2.0])), TypeError),
+])
+def test_compiled_checks_match_the_pytorch_kernel(args, error):
+    """Same exception type for every bad argument, and the same message up to how shapes and dtypes
+    print (C++: [5], Float; Python: [5], torch.float32)."""
+    with pytest.raises(error) as compiled:
+        _prepare(*args)
+    with pytest.raises(error) as python:
+        rsvd_torch(*args)
+    ours, theirs = str(compiled.value).splitlines()[0], str(python.value)
+    assert ours.split(", got")[0] == theirs.split(", got")[0], (ours, theirs)
+    if "got" not in theirs:
+        assert ours == theirs
 
 
 def gapped(m, n, k, seed=0):
@@ -160,13 +221,34 @@ class TestCompiledKernel:
         best = (Ue[:, :k] * Se[:k]) @ Vhe[:k]
         torch.testing.assert_close(((U * S) @ V.T).double(), best, atol=1e-4, rtol=0)
 
-    def test_same_subspace_as_the_pytorch_kernel(self):
-        """Different generators, so different vectors; with a spectral gap, the same subspaces."""
-        A = gapped(240, 160, 10)
-        U, _, V = (x.cpu() for x in rsvd(A.cuda(), 10, seed=1))
-        Ut, _, Vt = rsvd_torch(A, 10, seed=1)
-        torch.testing.assert_close(projector(U), projector(Ut), atol=1e-4, rtol=0)
-        torch.testing.assert_close(projector(V), projector(Vt), atol=1e-4, rtol=0)
+    @pytest.mark.parametrize("m,n", [(240, 160), (160, 240)])
+    def test_same_basis_as_the_pytorch_kernel_on_the_device(self, m, n):
+        """Same seed, same sketch: on one GPU the compiled and the PyTorch kernel compute the same
+        vectors up to roundoff and sign (their small SVDs may pick other signs), with no spectral gap
+        needed. Singular values 0.85^i are 15% apart, so the vectors are well conditioned."""
+        A = decaying(m, n).cuda()
+        for seed in (1, -5):
+            U, S, V = rsvd(A, 10, seed=seed)
+            Ut, St, Vt = rsvd_torch(A, 10, seed=seed)  # the PyTorch kernel on the CUDA tensor
+            signs = torch.sign((U * Ut).sum(0))
+            torch.testing.assert_close(S, St, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(U * signs, Ut, atol=1e-4, rtol=0)
+            torch.testing.assert_close(V * signs, Vt, atol=1e-4, rtol=0)
+        other = rsvd(A, 10, seed=2)[0]
+        assert not torch.allclose(other.abs(), U.abs(), atol=1e-3)  # the seed does decide the sketch
+
+    def test_sketch_is_the_documented_generator_draw(self):
+        """Without oversampling and power iterations, U spans exactly A Omega (5 of 30 directions):
+        the compiled kernel's Omega is gaussian_test_matrix's draw for the seed, and another seed's
+        draw spans other directions."""
+        from lowrank_kernels.linalg import gaussian_test_matrix
+
+        A = decaying(90, 30).cuda()
+        U = rsvd(A, 5, oversample=0, niter=0, seed=17)[0]
+        for seed, spans in ((17, True), (18, False)):
+            Y = A @ gaussian_test_matrix(30, 5, seed, A.device)
+            residual = ((Y - U @ (U.T @ Y)).norm() / Y.norm()).item()
+            assert (residual < 1e-5) == spans, (seed, residual)
 
     def test_deterministic_per_seed(self):
         A = decaying(180, 140).cuda()
@@ -189,13 +271,15 @@ class TestCompiledKernel:
             assert torch.equal(x, y)
 
     @pytest.mark.parametrize("m,n", [(120, 90), (90, 120)])
-    def test_batch_equals_single_calls_with_consecutive_seeds(self, m, n):
+    @pytest.mark.parametrize("seed", [11, [11, -4, 2**40]], ids=["int", "per-element"])
+    def test_batch_equals_single_calls_with_their_seeds(self, m, n, seed):
         k = 6
         A = torch.stack([gapped(m, n, k, seed=s) for s in range(3)]).cuda()
-        U, S, V = rsvd(A, k, seed=11)
+        U, S, V = rsvd(A, k, seed=seed)
         assert U.shape == (3, m, k) and S.shape == (3, k) and V.shape == (3, n, k)
+        seeds = seed if isinstance(seed, list) else [seed] * 3
         for i in range(3):
-            u, s, v = rsvd(A[i], k, seed=11 + i)
+            u, s, v = rsvd(A[i], k, seed=seeds[i])
             # Batched and single gemms may round differently; the subspaces agree to fp32 rounding.
             torch.testing.assert_close(projector(U[i]), projector(u), atol=1e-4, rtol=0)
             torch.testing.assert_close(projector(V[i]), projector(v), atol=1e-4, rtol=0)
@@ -214,13 +298,18 @@ class TestCompiledKernel:
         A = decaying(150, 110).cuda()
         for x, y in zip(rsvd(A.T, 7), rsvd(A.T.contiguous(), 7)):
             assert torch.equal(x, y)
+        batch = torch.stack([A, A.flip(0)])
+        strided = batch.transpose(1, 2).contiguous().transpose(1, 2)
+        for x, y in zip(rsvd(strided, 7, seed=[1, 2]), rsvd(batch, 7, seed=[1, 2])):
+            assert torch.equal(x, y)
 
     def test_edge_shapes(self):
         A = decaying(64, 40).cuda()
         U, S, V = rsvd(A, 40, oversample=10, niter=0)  # k = min(m, n): the sketch is all of A
         torch.testing.assert_close(((U * S) @ V.T).cpu(), A.cpu(), atol=1e-4, rtol=0)
-        U, S, V = rsvd(torch.empty(0, 30, 20, device="cuda"), 5)
-        assert U.shape == (0, 30, 5) and S.shape == (0, 5) and V.shape == (0, 20, 5)
+        for seed in (0, torch.zeros(0, dtype=torch.int64)):
+            U, S, V = rsvd(torch.empty(0, 30, 20, device="cuda"), 5, seed=seed)
+            assert U.shape == (0, 30, 5) and S.shape == (0, 5) and V.shape == (0, 20, 5)
 
     @pytest.mark.parametrize(
         "A,k,error",
@@ -230,13 +319,26 @@ class TestCompiledKernel:
             (torch.randn(6, 4), 5, ValueError),
             (torch.randn(2, 2, 6, 4), 2, ValueError),
             (torch.ones(6, 4, dtype=torch.int32), 2, TypeError),
+            (torch.randn(0, 6, 4), 5, ValueError),
         ],
     )
     def test_bad_arguments_raise_like_the_pytorch_kernel(self, A, k, error):
         with pytest.raises(error):
             rsvd(A.cuda(), k)
+        with pytest.raises(error):
+            rsvd_torch(A.cuda(), k)
+
+    def test_bad_seeds_raise(self):
+        A = torch.randn(2, 6, 4, device="cuda")
+        with pytest.raises(ValueError, match="3 seeds for a batch of 2"):
+            rsvd(A, 2, seed=[1, 2, 3])
+        with pytest.raises(TypeError, match="on the CPU"):
+            rsvd(A, 2, seed=torch.tensor([1, 2], device="cuda"))
 
     def test_opcheck(self):
         A = decaying(40, 30).cuda()
         torch.library.opcheck(torch.ops.lowrank_kernels.rsvd.default, (A, 4, 10, 2, 0))
         torch.library.opcheck(torch.ops.lowrank_kernels.rsvd.default, (torch.stack([A, A]), 3, 2, 1, 5))
+        torch.library.opcheck(torch.ops.lowrank_kernels.rsvd.default,
+                              (torch.stack([A, A]), 3, 2, 1, 0, torch.tensor([7, 8])))
+        torch.library.opcheck(torch.ops.lowrank_kernels.rsvd.default, (torch.empty(0, 40, 30, device="cuda"), 3, 2, 1, 0))

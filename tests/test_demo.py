@@ -1,4 +1,6 @@
 """The demo runs end to end at tiny settings and writes its table and plot."""
+import torch
+
 from lowrank_kernels.demo.__main__ import demo
 from lowrank_kernels.demo.data import load_splits
 
@@ -15,7 +17,9 @@ def test_demo_tiny(tmp_path):
         assert rows[1]["losses"] == ours["losses"]
     assert int(ours["optimizer-state bytes"].replace(",", "")) < int(rows[0]["optimizer-state bytes"].replace(",", ""))
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| {n} |" in table for n in names) and "n/a (CPU)" in table
+    assert all(f"| {n} |" in table for n in names)
+    # The demo trains on the GPU when there is one; its table then reports peak CUDA memory.
+    assert ("n/a (CPU)" in table) != torch.cuda.is_available()
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
 
 

@@ -195,9 +195,9 @@ OPTIONS = [
 ]
 
 
-def _model_and_opt(options, proj_type, backend="torch"):
+def _model_and_opt(options, proj_type, backend="torch", device="cpu"):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 6))
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 6)).to(device)
     weights = [p for p in model.parameters() if p.dim() == 2]
     biases = [p for p in model.parameters() if p.dim() == 1]
     opt = GaLoreAdamW([{"params": biases},
@@ -250,12 +250,15 @@ def test_fused_path_runs_every_option(options):
     decided from identical inputs; the step math then differs only in fp32 summation order.
     """
     pytest.importorskip("triton", reason="triton not installed")
-    ref, ref_opt = _model_and_opt(options, "std")
-    fused, fused_opt = _model_and_opt(options, "std", backend="triton")
+    # CPU tensors run Triton only under the interpreter, which conftest sets only without a GPU: on a
+    # GPU machine both optimizers run there (same device, so the same rsvd sketches and bases).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref, ref_opt = _model_and_opt(options, "std", device=device)
+    fused, fused_opt = _model_and_opt(options, "std", backend="triton", device=device)
     g = torch.Generator().manual_seed(2)
     ranks = []
     for _ in range(10):
-        x, y = torch.randn(16, 12, generator=g), torch.randn(16, 6, generator=g)
+        x, y = torch.randn(16, 12, generator=g).to(device), torch.randn(16, 6, generator=g).to(device)
         ref_opt.zero_grad()
         nn.functional.mse_loss(ref(x), y).backward()
         for a, b in zip(ref.parameters(), fused.parameters()):
