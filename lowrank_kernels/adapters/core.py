@@ -76,11 +76,9 @@ def check_rank(targets: Mapping[str, nn.Linear], rank: int, method: str, need: C
 def _batched_rsvd(stack: torch.Tensor, k: int, seeds: torch.Tensor, oversample: int, niter: int):
     """rsvd of each matrix of a (b, m, n) stack with its own seed: (U b x m x k, S b x k, V b x n x k).
 
-    TODO(lead): switch to one batched call, ``rsvd(stack, k, ..., seed=seeds)``, once the op takes an int64
-    CPU tensor of per-element seeds; element i must keep seed ``seeds[i]`` so results do not change.
+    Element i depends only on ``seeds[i]``: the op's per-element seeds.
     """
-    outs = [rsvd(a, k, oversample=oversample, niter=niter, seed=int(s)) for a, s in zip(stack, seeds.tolist())]
-    return tuple(torch.stack(parts) for parts in zip(*outs))
+    return rsvd(stack, k, oversample=oversample, niter=niter, seed=seeds.to(torch.int64).cpu())
 
 
 def bucketed_rsvd(mats: Mapping[str, torch.Tensor], k: int, seeds: Mapping[str, int], *, oversample: int,
