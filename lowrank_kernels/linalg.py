@@ -24,7 +24,7 @@ import os
 
 import torch
 
-__all__ = ["rsvd", "rsvd_torch", "svd_from_range", "cuda_ext_available"]
+__all__ = ["rsvd", "rsvd_torch", "svd_from_range", "canonical_signs", "cuda_ext_available"]
 
 _NS = "lowrank_kernels"
 _lib = torch.library.Library(_NS, "DEF")
@@ -71,6 +71,19 @@ def svd_from_range(A: torch.Tensor, Y: torch.Tensor, k: int, niter: int):
     return Q @ Ub[:, :k], S[:k], Vh[:k].T
 
 
+def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular-vector pairs so that the largest-magnitude entry of each column of U is positive.
+
+    A singular pair is defined up to a joint sign, and which sign a factorisation returns can change
+    with roundoff (a different reduction order, another world size). Under GaLore's "keep" moments
+    rule a flipped basis column flips the meaning of its moments, so two otherwise-equal runs drift
+    apart; a convention makes the basis a function of the subspace alone. Ties go to the first entry.
+    """
+    pivot = U.gather(-2, U.abs().argmax(dim=-2, keepdim=True))
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, V * sign
+
+
 def _rsvd_single(A: torch.Tensor, k: int, oversample: int, niter: int, seed: int):
     """Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1, on an fp32 m x n matrix."""
     m, n = A.shape
@@ -83,6 +96,7 @@ def _rsvd_single(A: torch.Tensor, k: int, oversample: int, niter: int, seed: int
     U, S, V = svd_from_range(A, A @ gaussian_test_matrix(n, width, seed, A.device), k, niter)
     if transposed:
         U, V = V, U
+    U, V = canonical_signs(U, V)
     return U.contiguous(), S.contiguous(), V.contiguous()
 
 
@@ -150,6 +164,7 @@ def rsvd(A: torch.Tensor, k: int, *, oversample: int = 10, niter: int = 2, seed:
     A randomized range finder (Gaussian sketch of ``k + oversample`` columns) with ``niter`` power
     iterations, each re-orthonormalised by QR, followed by an exact SVD of the small projected matrix.
     Deterministic for a given ``seed`` on every device. ``A`` may be a ``(b, m, n)`` batch; element ``i``
-    then uses ``seed + i``.
+    then uses ``seed + i``. The PyTorch kernel returns :func:`canonical_signs` (each column of U has its
+    largest-magnitude entry positive).
     """
     return torch.ops.lowrank_kernels.rsvd(A, int(k), int(oversample), int(niter), int(seed))

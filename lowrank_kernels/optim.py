@@ -8,6 +8,7 @@ import torch
 
 from . import projection
 from .backends import BACKENDS, step_function
+from .distributed import fsdp
 from .projection import MOMENT_KEYS, POLICY_DEFAULTS, PROJECTED_DEFAULTS, STATE_DTYPES
 from .reference import adam_step_size
 from .validation import check_hyperparameters, is_int
@@ -154,6 +155,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if grad.is_complex():
             raise RuntimeError(f"GaLoreAdamW does not support complex gradients "
                                f"({self._param_label(group, i, p)})")
+        if fsdp.is_dtensor(p):  # an FSDP2 shard: its checks need collectives (distributed/fsdp.py)
+            refresh, updates = fsdp.plan_param(self.state.get(p, {}), group, p,
+                                               lambda: self._param_label(group, i, p))
+            return group, p, index, refresh, updates
         refresh, updates = False, {}
         if "rank" in group:
             state = self.state.get(p, {})  # .get: planning must not create state entries
@@ -204,6 +209,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._step_param(*work)
 
     def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool, updates: dict) -> None:
+        if fsdp.is_dtensor(p):  # an FSDP2 shard: this rank's rows (distributed/fsdp.py)
+            return fsdp.step_param(self, group, p, index, refresh, updates)
         state = self.state[p]
         state.update(updates)
         if "step" not in state:

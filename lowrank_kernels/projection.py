@@ -267,13 +267,15 @@ def refresh_due(state: dict, group: dict, grad2d: torch.Tensor) -> tuple[bool, d
     return REFRESH_POLICIES[group["refresh_policy"]][0](state, group, grad2d, P, Q)
 
 
-def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previous: dict) -> dict:
+def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previous: dict,
+                  sources: Optional[dict] = None) -> dict:
     """New basis tensors for ``side`` in the gradient's dtype (as galore-torch keeps it), and the rank.
 
-    The factorisation runs in fp32 whatever the gradient's dtype.
+    The factorisation runs in fp32 whatever the gradient's dtype. ``sources`` replaces BASIS_SOURCES
+    (the FSDP2 path passes its sharded ones, with ``grad2d`` a distributed.fsdp.ShardedRows).
     """
     G = grad2d.float()
-    U, S, V = BASIS_SOURCES[group["projector"]](G, max_rank(group), seed, side, previous)
+    U, S, V = (sources or BASIS_SOURCES)[group["projector"]](G, max_rank(group), seed, side, previous)
     total_sq = float(G.double().square().sum()) if group["rank_policy"] == "energy" else 0.0
     r = RANK_POLICIES[group["rank_policy"]](group, S, total_sq)
     # Owned copies: a slice of the full SVD would keep (and checkpoint) the whole factor's storage. P keeps
