@@ -292,6 +292,8 @@ def worker(rank: int, world: int, workdir: str, port: int) -> None:
                                          zip(model.parameters(), whole[0].parameters()))
                                      and state_equal(opt, whole[1]))
             out["refusals"] = refusal_case(mesh)
+            # backend="triton" takes CPU tensors only under the interpreter (set by conftest without CUDA)
+            out["kernels"] = kernels_case(mesh) if os.environ.get("TRITON_INTERPRET") == "1" else None
         else:  # the 2-rank checkpoint, resharded onto this world size by DCP
             model = shard(TinyLlama(seed=1), mesh)
             opt = optimizer(model, strategy)
@@ -305,33 +307,52 @@ def worker(rank: int, world: int, workdir: str, port: int) -> None:
         torch.distributed.destroy_process_group()
 
 
+class KernelCalls:
+    """Counts calls of the fused kernels' entry points (the optimizer looks them up at every step)."""
+
+    def __enter__(self):
+        import lowrank_kernels.kernels as kernels
+        import lowrank_kernels.kernels.backproject_update as bu
+        self.count, self._saved = 0, [(kernels, "galore_step"), (bu, "backproject_update")]
+        self._saved = [(module, name, getattr(module, name)) for module, name in self._saved]
+        for module, name, fn in self._saved:
+            setattr(module, name, self._counting(fn))
+        return self
+
+    def _counting(self, fn):
+        def wrapped(*args, **kwargs):
+            self.count += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def __exit__(self, *exc):
+        for module, name, fn in self._saved:
+            setattr(module, name, fn)
+
+
+def kernels_case(mesh, device="cpu", backend="triton", steps=range(3)) -> dict:
+    """The fused kernels on local shards (backend "triton" under the interpreter on CPU, "auto" on CUDA)
+    against the reference backend, on the same shards: 3 steps, a refresh and two ordinary steps."""
+    params = {}
+    with KernelCalls() as calls:
+        for which in ("torch", backend):
+            model = shard(TinyLlama().to(device), mesh)
+            opt = optimizer(model, CONFIGS["std-energy-keep"], which)
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            train(model, opt, [(x.to(device), y.to(device)) for x, y in local_batches(rank, world, steps)])
+            params[which] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    errors = {n: float((params[backend][n] - p).norm() / p.norm()) for n, p in params["torch"].items()}
+    return {"kernel_calls": calls.count, "errors": errors}
+
+
 def cuda_worker(rank: int, workdir: str, port: int) -> None:
     """One CUDA rank (nccl): backend="auto" on shards runs the Triton kernels and matches backend="torch"."""
     from torch.distributed.device_mesh import init_device_mesh
-
-    import lowrank_kernels.kernels as kernels
-    import lowrank_kernels.kernels.backproject_update as bu
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     try:
         torch.cuda.set_device(0)
-        mesh = init_device_mesh("cuda", (1,))
-        calls = [0]
-
-        def counting(fn):
-            def wrapped(*args, **kwargs):
-                calls[0] += 1
-                return fn(*args, **kwargs)
-            return wrapped
-        kernels.galore_step, bu.backproject_update = counting(kernels.galore_step), counting(bu.backproject_update)
-        params = {}
-        for backend in ("torch", "auto"):
-            calls[0] = 0
-            model = shard(TinyLlama().cuda(), mesh)
-            opt = optimizer(model, CONFIGS["std-energy-keep"], backend)
-            train(model, opt, [(x.cuda(), y.cuda()) for x, y in data(6)])
-            params[backend] = {n: p.full_tensor() for n, p in model.named_parameters()}
-        errors = {n: float((params["auto"][n] - p).norm() / p.norm()) for n, p in params["torch"].items()}
-        torch.save({"kernel_calls": calls[0], "errors": errors}, os.path.join(workdir, "cuda.pt"))
+        out = kernels_case(init_device_mesh("cuda", (1,)), "cuda", "auto", range(6))
+        torch.save(out, os.path.join(workdir, "cuda.pt"))
     finally:
         torch.distributed.destroy_process_group()

@@ -297,15 +297,22 @@ def step_param(opt, group: dict, p: torch.Tensor, index: int, refresh: bool, upd
         write_back.copy_(weight.view_as(write_back))
 
 
+def needs_old_left(group: dict) -> bool:
+    """Does a refresh read the previous left basis (so it is gathered, m x r)? The "rotate" moments rule,
+    the "lazy" policy's similarity and the "warm" start do; "keep", "zero" and "fixed" do not."""
+    return (group["moments_on_refresh"] == "rotate" or group["refresh_policy"] == "lazy"
+            or group["projector"] == "warm")
+
+
 def _refresh(state: dict, grad2d: torch.Tensor, group: dict, side: str, base_seed: int, index: int, mesh,
              m: int) -> None:
     """projection.refresh on shards: the same basis, moments rule and policy, in fixed-shape DTensors."""
     rows, n = grad2d.shape
     count = state.get("refreshes", 0)
     old = {}
-    if "rank" in state:  # the previous basis, replicated in full (the rules and "warm" read all of it)
+    if "rank" in state:  # the previous basis, replicated in full
         r_old = state["rank"]
-        if "proj_left" in state:
+        if "proj_left" in state and needs_old_left(group):
             old["proj_left"] = _gather_rows(state["proj_left"].to_local()[:, :r_old], mesh, m)
         if "proj_right" in state:
             old["proj_right"] = state["proj_right"].to_local()[:, :r_old]
@@ -353,22 +360,36 @@ def _create_state(state: dict, group: dict, side: str, grad2d: torch.Tensor, mes
 
 
 # ---- what the collectives move --------------------------------------------------------------------------
-def collective_volume(m: int, n: int, side: str, rank: int, world: int, *, first: bool = False,
-                      oversample: int = OVERSAMPLE, niter: int = NITER) -> dict:
-    """Elements in the collectives of one projected m x n parameter's step, as :class:`CollectiveLog` counts.
+def collective_volume(m: int, n: int, group: dict, world: int, *, first: bool = False) -> dict:
+    """Elements in the collectives of one projected m x n parameter, as :class:`CollectiveLog` counts them.
 
-    ``{"step": {op: elements}, "refresh": {op: elements}}``: an ordinary step, and the extra of a step that
-    refreshes the basis (the rsvd projector at a fixed ``rank``; ``first``: the first refresh, which has
-    no old basis to gather; the energy policy adds one scalar). An all-reduce counts its tensor, an
-    all-gather its output, uneven shards padded to ceil(m / world) rows per rank as DTensor pads them.
+    ``{"step": {op: elements}, "refresh": {op: elements}}``: an ordinary step, and what a refresh adds.
+    ``group`` holds the projected group's keys (``rank``; ``proj_type``, ``projector``,
+    ``moments_on_refresh``, ``refresh_policy`` default to GaLoreAdamW's, except projector "rsvd"), at a
+    fixed rank (the energy policy adds one scalar and changes r); ``first``: the first refresh (no old
+    basis). An all-reduce counts its tensor, an all-gather its output, uneven shards padded to
+    ceil(m / world) rows per rank as DTensor pads them. Sketch products (see ShardedRows): G X and
+    X G^T gather m x c; X G and G^T X all-reduce c x n.
     """
-    w = min(rank + oversample, m, n)
+    group = {**projection.PROJECTED_DEFAULTS, "projector": "rsvd", **group}
+    r, side, projector = group["rank"], orientation(group["proj_type"], m, n), group["projector"]
+    w = min(r + OVERSAMPLE, m, n)
     rows = -(-m // world) * world
-    step = {"left": {"all_reduce": rank * n}, "full": {"all_reduce": rank * rank}, "right": {}}[side]
-    # (niter + 1) sketches each way, plus the scalar count of non-finite entries (the check before a refresh)
-    refresh = {"all_reduce": (niter + 1) * n * w + 1, "all_gather": (niter + 1) * rows * w}
-    if side in ("left", "full") and not first:
-        refresh["all_gather"] += rows * rank  # the old left basis, for the moments and refresh rules
+    step = {"left": {"all_reduce": r * n}, "full": {"all_reduce": r * r}, "right": {}}[side]
+    gathers = reduces = 0
+    if projector == "rsvd" or first:  # (q + 1) sketches each way, whichever side is sharded
+        gathers, reduces = (NITER + 1) * rows * w, (NITER + 1) * n * w
+    elif projector == "warm":  # one iteration from the old basis, padded by `extra` Gaussian columns
+        extra = w - min(r, w)
+        if side == "right":  # A = G^T: its sketch A Omega is an all-reduce
+            gathers, reduces = 2 * rows * w, n * (extra + w)
+        else:
+            gathers, reduces = rows * (extra + w), 2 * n * w
+    else:
+        raise ValueError(f"projector {projector!r} has no sharded refresh")
+    refresh = {"all_reduce": reduces + 1, "all_gather": gathers}  # + 1: the non-finite count
+    if side in ("left", "full") and not first and needs_old_left(group):
+        refresh["all_gather"] += rows * r
     return {"step": step, "refresh": refresh}
 
 
