@@ -168,9 +168,11 @@ def sharded_rsvd_case(mesh) -> dict:
         U, S, V = _rsvd_single(ShardedRows(local, m, mesh), k, 10, 2, seed=11)
         U1, S1, V1 = rsvd(A, k, seed=11)
         everyone = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, digest(torch.cat([U.flatten(), S, V.flatten()])))
+        torch.distributed.all_gather_object(everyone, (digest(torch.cat([U.flatten(), S, V.flatten()])),
+                                                       local.shape[0]))
         out[(m, n)] = {"err": max(float((x - y).abs().max() / y.abs().max()) for x, y in ((U, U1), (S, S1), (V, V1))),
-                       "identical": all(e == everyone[0] for e in everyone), "local_rows": local.shape[0]}
+                       "identical": all(e[0] == everyone[0][0] for e in everyone),
+                       "rows": [e[1] for e in everyone]}
     return out
 
 

@@ -30,9 +30,10 @@ Everything else (the QRs of m x w sketches, the SVD of the small w x n matrix, t
 on identical replicated inputs, so every rank ends with the same basis bit for bit, and it equals the
 one-process rsvd with the same seed (the same test matrix, the same sequence of QRs, hence the same
 singular-vector signs) up to the roundoff of the reductions. Per refresh, with w = min(r + oversample,
-min(m, n)) and q = 2 power iterations: q + 1 all-gathers of m x w, q + 1 all-reduces of n x w, one of
-the old left basis (m x r, for the moments and refresh rules), and scalars; never the m x n gradient
-(:func:`collective_volume` counts them). ``projector="svd"`` (exact, galore-identical) is refused:
+min(m, n)) and q = 2 power iterations: q + 1 all-gathers of m x w, q + 1 all-reduces of n x w, an
+all-gather of the old left basis (m x r) when a rule reads it (:func:`needs_old_left`), and scalars;
+never the m x n gradient (:func:`collective_volume` counts them; tests/test_fsdp.py checks the count).
+The warm start ("warm") needs one iteration instead of two and no fresh sketch of the old side. ``projector="svd"`` (exact, galore-identical) is refused:
 DTensor's own SVD all-gathers the whole gradient on every rank.
 
 **State** (all tensors are DTensors, so ``torch.distributed.checkpoint`` and
@@ -56,7 +57,7 @@ from torch.utils._pytree import tree_leaves
 from .. import projection, reference
 from ..backends import step_function
 from ..linalg import _rsvd_single
-from ..projection import (BASIS_KEYS, MOMENT_KEYS, MOMENT_RULES, OVERSAMPLE, REFRESH_POLICIES, STATE_DTYPES,
+from ..projection import (MOMENT_KEYS, MOMENT_RULES, OVERSAMPLE, REFRESH_POLICIES, STATE_DTYPES,
                           lowrank_shape, matrix_shape, max_rank, orientation)
 from ..reference import adam_step_size
 
