@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 from common import RESULTS_DIR, environment, write_results  # noqa: E402
 
 from lowrank_kernels.distributed.fsdp import CollectiveLog, collective_volume  # noqa: E402
-from lowrank_kernels.projection import orientation  # noqa: E402
 
 # name: (hidden size, layers, intermediate size, GaLore rank), as bench/memory_table.py
 LLAMA = {"350M": (1024, 24, 2736, 256), "1B": (2048, 24, 5461, 512), "7B": (4096, 32, 11008, 1024)}
