@@ -39,6 +39,7 @@ import torch
 
 from . import projection, reference
 from .backends import step_function
+from .distributed import fsdp
 from .linalg import rsvd
 from .projection import BASIS_KEYS, MOMENT_KEYS, STATE_DTYPES
 
@@ -200,6 +201,13 @@ class StepEngine:
     def step(self, opt, work: list) -> None:
         if not work:
             return
+        sharded = [item for item in work if fsdp.is_dtensor(item[1])]
+        if sharded:  # FSDP2 shards step on their own path, in the plan's order (collectives must match)
+            for item in sharded:
+                opt._step_param(*item)
+            work = [item for item in work if not fsdp.is_dtensor(item[1])]
+            if not work:
+                return
         problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]
         runners = {}
         for pr in problems:  # choose (and check) every bucket's backend before anything changes

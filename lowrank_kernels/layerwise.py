@@ -26,6 +26,8 @@ for bit: each parameter's step depends only on its own gradient and state (tests
 ``with lw.micro_batch(): loss.backward()`` is the same as ``lw.backward(loss)``. A backward outside
 them raises (a step might otherwise be skipped or taken at the wrong micro-batch). Data parallelism is
 not supported: DDP reduces gradients in buckets after the hooks would already have consumed them.
+FSDP2 (``fully_shard``) is: it runs these hooks itself on the sharded parameters, after its
+reduce-scatter, in the same order on every rank (tests/test_fsdp.py).
 """
 from __future__ import annotations
 

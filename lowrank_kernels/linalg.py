@@ -33,7 +33,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["rsvd", "rsvd_torch", "svd_from_range", "cuda_ext_available", "gaussian_test_matrix"]
+__all__ = ["rsvd", "rsvd_torch", "svd_from_range", "canonical_signs", "cuda_ext_available",
+           "gaussian_test_matrix"]
 
 _NS = "lowrank_kernels"
 _lib = torch.library.Library(_NS, "DEF")
@@ -123,6 +124,19 @@ def svd_from_range(A: torch.Tensor, Y: torch.Tensor, k: int, niter: int):
     return Q @ Ub[:, :k], S[:k], Vh[:k].T
 
 
+def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular-vector pairs so that the largest-magnitude entry of each column of U is positive.
+
+    A singular pair is defined up to a joint sign, and which sign a factorisation returns can change
+    with roundoff (a different reduction order, another world size). Under GaLore's "keep" moments
+    rule a flipped basis column flips the meaning of its moments, so two otherwise-equal runs drift
+    apart; a convention makes the basis a function of the subspace alone. Ties go to the first entry.
+    """
+    pivot = U.gather(-2, U.abs().argmax(dim=-2, keepdim=True))
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, V * sign
+
+
 def _rsvd_single(A: torch.Tensor, k: int, oversample: int, niter: int, seed: int):
     """Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1, on an fp32 m x n matrix."""
     m, n = A.shape
@@ -135,6 +149,7 @@ def _rsvd_single(A: torch.Tensor, k: int, oversample: int, niter: int, seed: int
     U, S, V = svd_from_range(A, A @ gaussian_test_matrix(n, width, seed, A.device), k, niter)
     if transposed:
         U, V = V, U
+    U, V = canonical_signs(U, V)
     return U.contiguous(), S.contiguous(), V.contiguous()
 
 
@@ -243,9 +258,15 @@ def rsvd(A: torch.Tensor, k: int, *, oversample: int = 10, niter: int = 2,
     seed=seeds[i])`` (an int seed: the same seed for every element), so each element's basis depends
     only on its own matrix and seed. A seed means the same sketch for the compiled and the PyTorch
     kernel on a device (see the module docstring).
+    Singular vectors follow :func:`canonical_signs` (each column of U has its largest-magnitude entry
+    positive) whichever kernel ran.
     """
     k, oversample, niter = _as_int("k", k, 1), _as_int("oversample", oversample, 0), _as_int("niter", niter, 0)
     if not isinstance(seed, (torch.Tensor, list, tuple)):
         seed = _as_int("seed", seed, *_INT64)
-        return torch.ops.lowrank_kernels.rsvd(A, k, oversample, niter, seed, None)
-    return torch.ops.lowrank_kernels.rsvd(A, k, oversample, niter, 0, _seeds_tensor(seed))
+        U, S, V = torch.ops.lowrank_kernels.rsvd(A, k, oversample, niter, seed, None)
+    else:
+        U, S, V = torch.ops.lowrank_kernels.rsvd(A, k, oversample, niter, 0, _seeds_tensor(seed))
+    # The PyTorch kernel already returns canonical signs (idempotent here); the compiled one may not.
+    U, V = canonical_signs(U, V)
+    return U, S, V

@@ -9,6 +9,7 @@ import torch
 from . import projection
 from .backends import BACKENDS, step_function
 from .checkpoint import prepare_load
+from .distributed import fsdp
 from .engine import StepEngine
 from .projection import MOMENT_KEYS, STATE_DTYPES
 from .reference import adam_step_size
@@ -202,6 +203,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         label = _Label(lambda: self._param_label(group, i, p))
         if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
             self._refuse_gradient(grad, p, label)
+        if fsdp.is_dtensor(p):  # an FSDP2 shard: its checks need collectives (distributed/fsdp.py)
+            refresh, updates = fsdp.plan_param(self.state.get(p, {}), group, p, label.__str__)
+            return _Plan((group, p, index, refresh, updates), False, None, None, label,
+                         self.state.get(p, _NO_STATE).get("step", 0))
         projected = "rank" in group
         if projected:
             check_projectable(p, projection.max_rank(group), label)
@@ -366,6 +371,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _step_param(self, group: dict, p: torch.Tensor, index: int, refresh: bool, updates: dict) -> None:
         """The pre-engine per-parameter step (``opt._per_parameter_step = True``): bench/ baseline."""
+        if fsdp.is_dtensor(p):  # an FSDP2 shard: this rank's rows (distributed/fsdp.py)
+            return fsdp.step_param(self, group, p, index, refresh, updates)
         state = self.state[p]
         state.update(updates)
         if "step" not in state:

@@ -268,15 +268,16 @@ def refresh_due(state: dict, group: dict, grad2d: torch.Tensor) -> tuple[bool, d
 
 
 def compute_basis(grad2d: torch.Tensor, side: str, group: dict, seed: int, previous: dict,
-                  factors: Optional[tuple] = None) -> dict:
+                  factors: Optional[tuple] = None, sources: Optional[dict] = None) -> dict:
     """New basis tensors for ``side`` in the gradient's dtype (as galore-torch keeps it), and the rank.
 
     The factorisation runs in fp32 whatever the gradient's dtype. ``factors``: (U, S, V) the group's
     basis source already computed for this gradient and seed (the whole-model step batches the rsvd
-    refreshes of same-shaped weights into one call); None computes it here.
+    refreshes of same-shaped weights into one call); None computes it here. ``sources`` replaces
+    BASIS_SOURCES (the FSDP2 path passes its sharded ones, with ``grad2d`` a distributed.fsdp.ShardedRows).
     """
     G = grad2d.float()
-    U, S, V = factors if factors is not None else BASIS_SOURCES[group["projector"]](
+    U, S, V = factors if factors is not None else (sources or BASIS_SOURCES)[group["projector"]](
         G, max_rank(group), seed, side, previous)
     total_sq = float(G.double().square().sum()) if group["rank_policy"] == "energy" else 0.0
     r = RANK_POLICIES[group["rank_policy"]](group, S, total_sq)

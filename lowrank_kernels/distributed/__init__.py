@@ -1,0 +1,1 @@
+"""Distributed training helpers: FSDP2 sharded steps (fsdp.py)."""
