@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from .distributed import fsdp
 from .projection import MOMENT_KEYS, STATE_DTYPES, matrix_shape, max_rank, orientation
 from .validation import check_hyperparameters, check_loaded_entry, check_projectable, fill_defaults, is_int
 
@@ -135,7 +136,8 @@ def prepare_load(opt: torch.optim.Optimizer, state_dict) -> tuple[list, dict]:
             if "rank" not in saved:
                 raise ValueError(f"{label}: checkpoint state has a galore-torch 'projector' but its group has no 'rank'")
             entry = convert_galore_torch_entry(entry, saved, p.shape, label)
-        check_loaded_entry(entry, saved, p.shape, label)
+        if not fsdp.is_dtensor(p):  # FSDP2 state has its own fixed-shape layout (distributed/fsdp.py)
+            check_loaded_entry(entry, saved, p.shape, label)
         dtype = STATE_DTYPES[saved.get("state_dtype")]
         state[p] = {k: _load_value(k, v, p, dtype) for k, v in entry.items()}
 

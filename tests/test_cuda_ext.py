@@ -234,8 +234,9 @@ class TestCompiledKernel:
             torch.testing.assert_close(S, St, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(U * signs, Ut, atol=1e-4, rtol=0)
             torch.testing.assert_close(V * signs, Vt, atol=1e-4, rtol=0)
-        other = rsvd(A, 10, seed=2)[0]
-        assert not torch.allclose(other.abs(), U.abs(), atol=1e-3)  # the seed does decide the sketch
+        # (Whether the seed decides the sketch is test_sketch_is_the_documented_generator_draw's job: on
+        # this well-separated spectrum two power iterations make the vectors seed-independent to 1e-3,
+        # which the H100 run of 2026-11-23 showed.)
 
     def test_sketch_is_the_documented_generator_draw(self):
         """Without oversampling and power iterations, U spans exactly A Omega (5 of 30 directions):
