@@ -18,7 +18,8 @@
    per bucket and composition and rebuilt only when a tensor they point at is reallocated (a rank change,
    load_state_dict); moved gradients are re-pointed without blocking. "full" projections, weights
    updated through a copy (channels_last conv weights) and unprojected tensors whose layouts the
-   multi-tensor kernel cannot walk flat run the per-parameter kernels (:func:`_run_single`).
+   multi-tensor kernel cannot walk flat run the per-parameter kernels (:func:`_run_single`), with host
+   scalars: a step that needs them refuses CUDA graph capture.
 
    A triton bucket also holds one tile config (``grouped.tile_configs``): a problem then rounds the same
    in every launch it is part of, so layer-wise steps (one parameter at a time) stay bit-identical to
