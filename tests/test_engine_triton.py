@@ -17,6 +17,8 @@ in fp32 and differ in the GEMMs' summation order and in alpha = fp32(step_size) 
 rounding more than torch's U = scale N, then W - step_size U); 16-bit norm-wise on W_T - W_0 (bf16 12%,
 fp16 3%) and on the moments (bf16 2%, fp16 0.3%; fp32 moments of a 16-bit weight: the 16-bit eps, as an R
 entry may round to a neighbour), because the reference rounds to the low dtype after every operation.
+Measured here (7 steps): fp32 at most 5% of its bound; W_T - W_0 bf16 8.6%, fp16 1.4%; moments bf16 0.8%,
+fp16 0.09%, fp32 moments of 16-bit weights 1e-7.
 Bases are computed from the gradients alone (drawn independently of the weights), so both runs refresh
 to the same bases and ranks and the comparison measures the kernels only. A wrong table entry (pointer,
 stride, scalar row, problem index) is an O(1) error.
