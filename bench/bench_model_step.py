@@ -228,7 +228,7 @@ def bench_layout(layout: str, kinds: list, device: str, dtype, warmup: int, rep:
             fn = state["fn"] = graphed(opt, device) if kind.endswith("+graph") else opt.step
             ts = times_ms(fn, warmup, rep, device)
             n_launch = attempt(f"{layout} {kind} launches", errors, lambda: launches(fn, device))
-            n_triton = "" if kind.endswith("+graph") else attempt(
+            n_triton = "" if kind.endswith("+graph") or not kind.startswith("ours") else attempt(
                 f"{layout} {kind} triton launches", errors, lambda: triton_launches(fn), "")
             return ts, n_launch, n_triton, path_of(opt)
 
