@@ -2,8 +2,9 @@
 
 Optimizers, each on the same parameters and gradients, one at a time in one run:
 
-* ``ours``: GaLoreAdamW's whole-model step (lowrank_kernels/engine.py), and on a GPU the same step
-  captured in a CUDA graph (``ours+graph``: the replay is timed);
+* ``ours``: GaLoreAdamW's whole-model step (lowrank_kernels/engine.py; backend "auto": on a GPU the
+  grouped Triton kernels, a constant number of launches per step; on CPU the foreach reference), and on
+  a GPU the same step captured in a CUDA graph (``ours+graph``: ``opt.replay(graph)`` is timed);
 * ``ours per-param``: the pre-engine path, one Python call per parameter (``opt._per_parameter_step``);
 * ``galore-torch`` (when installed) and ``torch AdamW`` (foreach=True on CPU, fused=True on GPU).
 
@@ -11,7 +12,11 @@ Attention and MLP weights are projected (GaLore's targets) at the layout's rank;
 Times are min / median / max in ms over ``--rep`` steps (CPU: wall time; GPU: CUDA events around each
 step); ratios are ``ours / other`` (below 1: ours is faster). ``launches`` per step: on a GPU the CUDA
 kernels the profiler records; on CPU the non-view aten ops dispatched (each a kernel launch on a GPU;
-a foreach op counts once).
+a foreach op counts once). ``triton`` counts the Triton kernel launches of one step (eager variants);
+``path`` says what ran ours (grouped kernels and how many tables, or the per-parameter path).
+
+Every variant runs in its own try/except: a failure is printed and recorded in the results' meta, and
+the run goes on with the next variant and layout.
 
 Layouts: ``tiny-24`` (dim 64, 24 layers, 4 heads, MLP 172, vocab 256, rank 8): sizes so small that the
 step's host machinery is what is timed, the CPU proxy for a GPU's host overhead. On CPU the
@@ -20,6 +25,7 @@ optimizers share the parameters and are timed interleaved (one step each per rou
 
     python bench/bench_model_step.py                      # CPU: tiny-24 (1 thread); GPU: 60M, 350M, 1B
     python bench/bench_model_step.py --layouts tiny-24 60M --out bench/results
+    python bench/bench_model_step.py --layouts 1B --kinds ours ours+graph "torch AdamW"
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 import warnings
 
 import torch
@@ -127,55 +134,119 @@ def launches(fn, device: str) -> int:
     return counter.count
 
 
+def triton_launches(fn) -> int:
+    """Triton kernel launches in one call of ``fn`` (JITFunction.run, as tests/test_grouped_kernels.py
+    counts them; a CUDA graph replay launches none this way)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    count, originals = [0], {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def counting(original):
+        def run(kernel, *args, **kwargs):
+            count[0] += 1
+            return original(kernel, *args, **kwargs)
+        return run
+
+    for cls, original in originals.items():
+        cls.run = counting(original)
+    try:
+        fn()
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+    return count[0]
+
+
+def path_of(opt) -> str:
+    if not isinstance(opt, GaLoreAdamW):
+        return ""
+    if getattr(opt, "_per_parameter_step", False):
+        return "per-parameter"
+    tables = len(opt._engine()._tables)
+    return f"grouped kernels ({tables} tables)" if tables else "torch foreach"
+
+
+def attempt(what: str, errors: dict, fn, default=None):
+    """``fn()``, or ``default`` after printing and recording the error (the run goes on)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a benchmark variant must never stop the others
+        print(f"FAILED {what}: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        errors[what] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return default
+
+
 def graphed(opt, device: str):
     """The ordinary step captured in a CUDA graph (gradients are static tensors here)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream):  # eager warm-up: compiles and builds everything outside the capture
         opt.step()
     torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
     graph.replay()
+    torch.cuda.synchronize()
     return lambda: opt.replay(graph)
 
 
-def bench_layout(layout: str, kinds: list, device: str, dtype, warmup: int, rep: int) -> list:
+def bench_layout(layout: str, kinds: list, device: str, dtype, warmup: int, rep: int, errors: dict) -> list:
     model, rank = build(layout, device, dtype)
     n_tensors = sum(1 for _ in model.parameters())
-    results = {}
+    results = {}  # kind: (times, launches, triton launches, path)
     if device == "cpu":
         # Interleaved, one step of each optimizer per round: a shared machine's load hits all alike.
-        steps = {}
+        steps, opts = {}, {}
         for kind in kinds:
-            steps[kind] = make_optimizer(kind, model, rank, device).step
-            steps[kind]()  # state and bases; every later step is ordinary
-        ts = {kind: [] for kind in kinds}
+            def first(kind=kind):
+                opt = make_optimizer(kind, model, rank, device)
+                opt.step()  # state and bases; every later step is ordinary
+                return opt
+            opt = attempt(f"{layout} {kind}", errors, first)
+            if opt is not None:
+                steps[kind], opts[kind] = opt.step, opt
+        ts = {kind: [] for kind in steps}
         for _ in range(warmup):
             for fn in steps.values():
                 fn()
         for _ in range(rep):
             for kind, fn in steps.items():
                 ts[kind] += times_ms(fn, 0, 1, device)
-        results = {kind: (ts[kind], launches(fn, device)) for kind, fn in steps.items()}
+        results = {kind: (ts[kind], attempt(f"{layout} {kind} launches", errors, lambda: launches(fn, device)), "",
+                          path_of(opts[kind])) for kind, fn in steps.items()}
     for kind in kinds if device == "cuda" else []:
-        opt = make_optimizer(kind.replace("+graph", ""), model, rank, device)
-        opt.step()  # state and bases; every later step is ordinary
-        fn = graphed(opt, device) if kind.endswith("+graph") else opt.step
-        ts = times_ms(fn, warmup, rep, device)
-        results[kind] = (ts, launches(fn, device))
-        del opt, fn
+        state = {}
+
+        def one(kind=kind, state=state):
+            opt = state["opt"] = make_optimizer(kind.replace("+graph", ""), model, rank, device)
+            opt.step()  # state and bases; every later step is ordinary
+            torch.cuda.synchronize()
+            fn = state["fn"] = graphed(opt, device) if kind.endswith("+graph") else opt.step
+            ts = times_ms(fn, warmup, rep, device)
+            n_launch = attempt(f"{layout} {kind} launches", errors, lambda: launches(fn, device))
+            n_triton = "" if kind.endswith("+graph") or not kind.startswith("ours") else attempt(
+                f"{layout} {kind} triton launches", errors, lambda: triton_launches(fn), "")
+            return ts, n_launch, n_triton, path_of(opt)
+
+        out = attempt(f"{layout} {kind}", errors, one)
+        if out is not None:
+            results[kind] = out
+        state.clear()
         gc.collect()
-        torch.cuda.empty_cache()
+        attempt("cuda cleanup", errors, lambda: (torch.cuda.synchronize(), torch.cuda.empty_cache()))
     rows = []
-    ours = statistics.median(results["ours"][0])
-    for kind, (ts, n_launch) in results.items():
+    ours = statistics.median(results["ours"][0]) if "ours" in results else None
+    for kind, (ts, n_launch, n_triton, path) in results.items():
         med = statistics.median(ts)
         rows.append({"layout": layout, "tensors": n_tensors, "optimizer": kind, "ms": round(med, 3),
                      "min": round(min(ts), 3), "max": round(max(ts), 3), "launches": n_launch,
-                     "ours / this": round(ours / med, 2)})
-    del model
+                     "triton": n_triton, "path": path,
+                     "ours / this": "" if ours is None else round(ours / med, 2)})
+    model = None  # noqa: F841 - frees the layout's model before the next one
     gc.collect()
     return rows
 
@@ -187,6 +258,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--rep", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="tiny-24 only, few repetitions")
+    parser.add_argument("--kinds", nargs="+", help="variants to run (default: all that apply); one of "
+                        "ours, ours+graph (GPU), 'ours per-param', galore-torch, 'torch AdamW'")
     parser.add_argument("--out", help="results directory (default: a scratch directory)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,14 +270,18 @@ def main() -> None:
     rep = 5 if args.quick else args.rep
     kinds = ["ours"] + (["ours+graph"] if device == "cuda" else []) + ["ours per-param"]
     kinds += (["galore-torch"] if galore_torch else []) + ["torch AdamW"]
-    rows = []
+    if args.kinds:
+        kinds = [k for k in args.kinds if k in kinds] or kinds
+    rows, errors = [], {}
     load_before = os.getloadavg()[0]
     for layout in layouts:
-        rows += bench_layout(layout, kinds, device, dtype, warmup=3, rep=rep)
+        rows += attempt(f"layout {layout}", errors,
+                        lambda: bench_layout(layout, kinds, device, dtype, warmup=3, rep=rep, errors=errors), [])
     meta = {**environment(), "load_average_1min": f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
             "dtype": str(dtype).replace("torch.", ""), "rep": rep, "quick": args.quick,
-            "step": "ordinary (no refresh), every parameter", "projected": GALORE_TARGETS}
-    columns = ["layout", "tensors", "optimizer", "ms", "min", "max", "launches", "ours / this"]
+            "step": "ordinary (no refresh), every parameter", "projected": GALORE_TARGETS,
+            "errors": errors or "none"}
+    columns = ["layout", "tensors", "optimizer", "ms", "min", "max", "launches", "triton", "path", "ours / this"]
     write_results("model_step" + ("_quick" if args.quick else ""), rows, meta, columns,
                   directory=args.out or tempfile.mkdtemp(prefix="bench_model_step_"))
 

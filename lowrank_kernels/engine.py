@@ -11,19 +11,31 @@
    (``projection.refresh_seed``), so a basis never depends on its batch neighbours. Bases and moments
    keep their storage when the shapes allow, so a captured CUDA graph stays valid across refreshes;
 3. runs the **ordinary step** bucket by bucket: backend "torch" with ``torch._foreach_*`` ops in the
-   reference's exact order of operations (:func:`_run_bucket_torch`), backend "triton" through
-   :func:`_run_bucket_triton` over per-bucket tables that are rebuilt only when the bucket changes.
+   reference's exact order of operations (:func:`_run_bucket_torch`), backend "triton" with the grouped
+   kernels (lowrank_kernels/kernels/grouped.py): per bucket ONE projection+Adam launch and ONE
+   back-projection+update launch for all left- or right-projected weights, ONE multi-tensor AdamW launch
+   for all unprojected tensors, whatever their number (:class:`_GroupedBucket`). Their tables are cached
+   per bucket and composition and rebuilt only when a tensor they point at is reallocated (a rank change,
+   load_state_dict); moved gradients are re-pointed without blocking. "full" projections, weights
+   updated through a copy (channels_last conv weights) and unprojected tensors whose layouts the
+   multi-tensor kernel cannot walk flat run the per-parameter kernels (:func:`_run_single`), with host
+   scalars: a step that needs them refuses CUDA graph capture.
+
+   A triton bucket also holds one tile config (``grouped.tile_configs``): a problem then rounds the same
+   in every launch it is part of, so layer-wise steps (one parameter at a time) stay bit-identical to
+   whole-model steps.
 
 Step scalars come in two modes:
 
 * **host** (the default for CPU tensors): Python floats from the host step counts, exactly the
   reference's. This keeps the CPU path bit-exact with the reference and galore-torch: CPU
   ``add_(U, alpha=-s)`` is one fused multiply-add, which no tensor-valued step size reproduces.
-* **device** (the default for CUDA tensors; ``opt._device_scalars = True`` forces it, for tests): step
-  counts and bias-corrected step sizes live on the device, one float64 vector per device and step
-  composition, as torch.optim's ``capturable=True``. An ordinary step then never reads a device value
-  on the host (no ``.item()``, no device-to-host copy): tests/test_engine.py proves it with a
-  TorchDispatchMode. The per-problem fp32 table (:data:`SCALAR_COLUMNS`) is what grouped kernels read.
+* **device** (the default for CUDA tensors and for every grouped triton bucket; ``opt._device_scalars =
+  True`` forces it, for tests): step counts and bias-corrected step sizes live on the device, one float64
+  vector per device and step composition, as torch.optim's ``capturable=True``. An ordinary step then
+  never reads a device value on the host (no ``.item()``, no device-to-host copy): tests/test_engine.py
+  proves it with a TorchDispatchMode. The per-problem fp32 table (:data:`SCALAR_COLUMNS`) is exactly the
+  ``scalars`` the grouped kernels read, updated in place each step (a CUDA graph replays with it).
 
 The host keeps a mirror of every count (``state["step"]``, a Python int, as in galore-torch and in old
 checkpoints), because refresh scheduling is host logic. A CUDA-graph replay advances the device
@@ -32,6 +44,7 @@ counts only; :meth:`StepEngine.advance_host_counters` brings the host mirror alo
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Optional
 
@@ -45,9 +58,11 @@ from .projection import BASIS_KEYS, MOMENT_KEYS, STATE_DTYPES
 
 __all__ = ["StepEngine", "SCALAR_COLUMNS", "rsvd_batched"]
 
-# Columns of the per-problem fp32 scalar table handed to grouped kernels (device mode): the update is
-# W <- W - alpha * U, then W <- W + decay * W; the moments use the betas and eps.
-SCALAR_COLUMNS = ("alpha", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps")
+# Columns of the per-problem fp32 scalar table (device mode): the grouped kernels' ``scalars`` layout
+# (kernels/_tables.SCALAR_COLUMNS, kernels/grouped.py). The update is W <- W - (step_size * scale) U,
+# then W <- W - (lr * wd) W; beta1, beta2, eps live in the grouped tables' own per-problem table.
+SCALAR_COLUMNS = ("step_size", "scale", "lr_weight_decay")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STABLE_KEYS = BASIS_KEYS + MOMENT_KEYS
 _MAX_DEVICE_ENTRIES = 4096  # step compositions cached (whole model, plus one per layer-wise parameter)
 
@@ -68,13 +83,13 @@ def rsvd_batched(mats: list, k: int, seeds: list) -> list:
 class _Problem:
     """One parameter's work in this step."""
     __slots__ = ("p", "group", "index", "state", "weight", "grad", "write_back", "side", "key", "P", "Q",
-                 "moment_step")
+                 "moment_step", "route")
 
     def __init__(self, opt, group, p, index):
         self.p, self.group, self.index = p, group, index
         self.state = opt.state[p]
         self.weight, self.grad, self.write_back, self.side = p, p.grad, None, None
-        self.P = self.Q = None
+        self.P = self.Q = self.route = None
         if "rank" in group:
             m, n = projection.matrix_shape(p.shape)
             if p.dim() > 2:
@@ -122,7 +137,6 @@ class _DeviceScalars:
         self.steps = torch.zeros(n, dtype=torch.float64, device=device)   # moment steps taken
         self.hyper = torch.zeros(n, 5, dtype=torch.float64, device=device)  # lr, beta1, beta2, bias?, scale
         self.table = torch.zeros(n, len(SCALAR_COLUMNS), dtype=torch.float32, device=device)
-        self.neg_step_size = torch.zeros(n, dtype=torch.float32, device=device)
         self.host_steps: Optional[list] = None  # what self.steps holds, as the host last knew it
         self.host_hyper: Optional[list] = None
 
@@ -135,13 +149,14 @@ class _DeviceScalars:
         if steps != self.host_steps:
             _upload(self.steps, steps)
             self.host_steps = steps
-        self.sync_hyperparameters(problems)
+        self.sync_hyperparameters([pr.group for pr in problems])
 
-    def sync_hyperparameters(self, problems: list) -> None:
-        hyper = [_hyper(pr.group) for pr in problems]
+    def sync_hyperparameters(self, groups: list) -> None:
+        """``groups``: each problem's param group."""
+        hyper = [_hyper(group) for group in groups]
         if hyper != self.host_hyper:
             _upload(self.hyper, [h[:5] for h in hyper])
-            _upload(self.table, [h[5:] for h in hyper])  # alpha (column 0) is computed per step
+            _upload(self.table, [h[5:] for h in hyper])  # step_size (column 0) is computed per step
             self.host_hyper = hyper
 
     def advance(self) -> None:
@@ -149,28 +164,36 @@ class _DeviceScalars:
         self.steps.add_(1.0)
         lr, beta1, beta2, correct_bias, scale = self.hyper.unbind(1)
         corrected = lr * torch.sqrt(1.0 - torch.pow(beta2, self.steps)) / (1.0 - torch.pow(beta1, self.steps))
-        step_size = torch.where(correct_bias > 0, corrected, lr)
-        self.neg_step_size.copy_(-step_size)
-        self.table[:, 0].copy_(step_size * scale)
+        self.table[:, 0].copy_(torch.where(correct_bias > 0, corrected, lr))
         self.host_steps = [s + 1 for s in self.host_steps]
 
 
 def _hyper(group: dict) -> tuple:
-    """Device columns of a problem: (lr, beta1, beta2, bias correction, scale) + the table's columns."""
+    """Device columns of a problem: (lr, beta1, beta2, bias correction, scale) + the table's columns
+    (SCALAR_COLUMNS; the step size, column 0, is computed on the device at every step)."""
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    scale = float(group.get("scale", 1.0)) if "rank" in group else 1.0
+    scale = float(group["scale"]) if "rank" in group else 1.0
     return (lr, beta1, beta2, 1.0 if group["correct_bias"] else 0.0, scale,
-            0.0, -lr * group["weight_decay"], beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"])
+            0.0, scale, lr * group["weight_decay"])
 
 
-def _upload(dst: torch.Tensor, values: list) -> None:
-    if _capturing(dst.device):
+def _adam_hyper(group: dict) -> tuple:
+    beta1, beta2 = group["betas"]
+    return (beta1, beta2, group["eps"])
+
+
+def _no_capture(device: torch.device) -> None:
+    if _capturing(device):
         raise RuntimeError(
             "GaLoreAdamW: the step counts or hyperparameters changed since the last eager step, so a CUDA "
             "graph being captured would bake in a host-to-device copy; run one eager opt.step() with the "
             "same parameters and hyperparameters before capturing"
         )
+
+
+def _upload(dst: torch.Tensor, values: list) -> None:
+    _no_capture(dst.device)
     src = torch.tensor(values, dtype=dst.dtype)
     if dst.is_cuda:
         src = src.pin_memory()  # a pinned source lets the copy run asynchronously (no host sync)
@@ -182,13 +205,15 @@ class StepEngine:
     """Runs :meth:`GaLoreAdamW.step`'s work list bucket by bucket; holds only derived caches.
 
     Caches (rebuilt on demand, dropped by pickling): device step scalars per step composition, and the
-    triton buckets' tables. ``table_builds`` counts table (re)builds, for tests.
+    grouped tables of triton buckets per bucket and composition. ``table_builds`` counts table
+    (re)builds, for tests.
     """
 
     def __init__(self):
         self._device_entries: dict = {}
         self._tables: dict = {}
-        self._last: tuple = ([], [])  # (states, [(device entry, problems)]) the last ordinary step advanced
+        # What the last ordinary step advanced: (states, [(device entry, groups)], [(grouped bucket, groups)])
+        self._last: tuple = ([], [], [])
         self.table_builds = 0
 
     def __getstate__(self):  # caches are derived data: a copy starts empty
@@ -213,6 +238,14 @@ class StepEngine:
         for pr in problems:  # choose (and check) every bucket's backend before anything changes
             if pr.key not in runners:
                 runners[pr.key] = _runner(opt.backend, pr.weight)
+            if runners[pr.key] == "triton":
+                pr.route = _route(pr)
+        if any(pr.route == "single" for pr in problems) and _capturing(problems[0].grad.device):
+            raise RuntimeError(
+                "GaLoreAdamW(backend='triton'): a 'full' projection, a weight updated through a copy "
+                "(channels_last) or a tensor the multi-tensor kernel cannot walk flat runs the per-parameter "
+                "kernels, whose host step scalars a CUDA graph would freeze; capture with backend='torch' "
+                "or change those parameters' proj_type / layout")
         refreshing = []
         for pr, (_, _, _, refresh, updates) in zip(problems, work):
             if updates:
@@ -259,29 +292,52 @@ class StepEngine:
             pr.moment_step = state["step"] - state.get("moment_start", 0)
             if pr.side is not None:
                 pr.P, pr.Q = state.get("proj_left"), state.get("proj_right")
-            bucket = buckets.get(pr.key)
+            key = pr.key
+            if pr.route == "grouped":  # one tile config per launch (see the module docstring)
+                key += (pr.route, _grouped().tile_configs(pr.side, *pr.grad.shape, state["rank"], pr.grad.dtype))
+            elif pr.route is not None:
+                key += (pr.route,)
+            bucket = buckets.get(key)
             if bucket is None:
-                buckets[pr.key] = bucket = []
+                buckets[key] = bucket = []
             bucket.append(pr)
         device_slices, entries = self._device_scalars(opt, buckets)
+        # Every grouped table is built (or found) and pointed at this step's gradients before any launch:
+        # a builder's error leaves weights and moments untouched.
+        runs, grouped_last = [], []
         for key, bucket in buckets.items():
-            if runners[key] == "triton":
-                _run_bucket_triton(self._bucket_tables(key, bucket), [_host_scalars(pr) for pr in bucket])
+            route = key[4] if len(key) > 4 else None
+            if route in ("grouped", "adamw"):
+                cached = self._grouped_bucket(key, bucket)
+                cached.prepare(bucket)
+                entry, start = device_slices[key]
+                runs.append(functools.partial(cached.run, entry.table[start:start + len(bucket)]))
+                grouped_last.append((cached, [pr.group for pr in bucket]))
+            elif route == "single":
+                runs.append(functools.partial(_run_single, bucket))
             else:
-                _run_bucket_torch(key[2], bucket, device_slices.get(key))
+                runs.append(functools.partial(_run_bucket_torch, key[2], bucket, device_slices.get(key)))
+        for run in runs:
+            run()
         for pr in problems:
             if pr.write_back is not None:
                 pr.write_back.copy_(pr.weight.view_as(pr.write_back))
-        self._last = ([pr.state for pr in problems], entries)
+        self._last = ([pr.state for pr in problems], entries, grouped_last)
 
     # ---- device scalars -----------------------------------------------------------------------------------
     def _device_scalars(self, opt, buckets: dict) -> tuple:
-        """Advance the device counts of this step's composition; {bucket key: (entry, start)}."""
+        """Advance the device counts of this step's composition; {bucket key: (entry, start)}.
+
+        Device mode: grouped triton buckets always (their kernels read the table); others on CUDA, or
+        wherever ``opt._device_scalars`` forces it; never the per-parameter ("single") triton buckets.
+        """
         forced = getattr(opt, "_device_scalars", None)
         per_device = defaultdict(list)
         for key in buckets:
+            route = key[4] if len(key) > 4 else None
             device = key[0]
-            if forced or (forced is None and device.type == "cuda"):
+            if route in ("grouped", "adamw") or (
+                    route is None and (forced or (forced is None and device.type == "cuda"))):
                 per_device[device].append(key)
         slices, entries = {}, []
         for device, keys in per_device.items():
@@ -294,7 +350,7 @@ class StepEngine:
                 entry = self._device_entries[composition] = _DeviceScalars(device, len(problems))
             entry.sync(problems)
             entry.advance()
-            entries.append((entry, problems))
+            entries.append((entry, [pr.group for pr in problems]))
             start = 0
             for key in keys:
                 slices[key] = (entry, start)
@@ -302,16 +358,15 @@ class StepEngine:
         return slices, entries
 
     # ---- tables for grouped kernels -------------------------------------------------------------------------
-    def _bucket_tables(self, key, bucket: list) -> "_Tables":
-        """The bucket's tables, rebuilt only when its composition, shapes or data pointers changed."""
-        signature = tuple((id(pr.p), pr.weight.data_ptr(), pr.grad.data_ptr(),
-                           *(0 if t is None else t.data_ptr() for t in (pr.P, pr.Q)),
-                           pr.state["exp_avg"].data_ptr(), pr.state["exp_avg_sq"].data_ptr(),
-                           tuple(pr.state["exp_avg"].shape)) for pr in bucket)
-        cached = self._tables.get(key)
-        if cached is None or cached.signature != signature:
+    def _grouped_bucket(self, key, bucket: list) -> "_GroupedBucket":
+        """The bucket's grouped tables, rebuilt only when ``tables.matches`` fails (a reallocated tensor)."""
+        cache_key = (key, tuple(id(pr.p) for pr in bucket))
+        cached = self._tables.get(cache_key)
+        if cached is None or not cached.matches(bucket):
+            if cached is None and len(self._tables) >= _MAX_DEVICE_ENTRIES:
+                self._tables.clear()
             self.table_builds += 1
-            cached = self._tables[key] = _Tables(signature, key[2], bucket)
+            cached = self._tables[cache_key] = _GroupedBucket(key[2], bucket)
         return cached
 
     # ---- CUDA graphs: the host mirror -----------------------------------------------------------------------
@@ -320,7 +375,7 @@ class StepEngine:
 
         Exactly the parameters the last eager (captured) step stepped move on, as the replays did.
         """
-        states, entries = self._last
+        states, entries, _ = self._last
         for state in states:
             state["step"] += n
         for entry, _ in entries:
@@ -329,8 +384,11 @@ class StepEngine:
     def sync_hyperparameters(self) -> None:
         """Before a replay: upload the groups' current lr, betas, eps and decay for the captured step's
         parameters where they changed (host-to-device only)."""
-        for entry, problems in self._last[1]:
-            entry.sync_hyperparameters(problems)
+        _, entries, grouped = self._last
+        for entry, groups in entries:
+            entry.sync_hyperparameters(groups)
+        for cached, groups in grouped:
+            cached.sync_hyper(groups)
 
 
 def _host_scalars(pr: _Problem) -> dict:
@@ -408,9 +466,10 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
         else:
             entry, start = device
             rows = [start + i for i in idx]
-            torch._foreach_addcmul_(W, U, _rows(entry.neg_step_size, rows))
+            # W - s U and W - (lr wd) W from the table's columns (value=-1: negation is exact)
+            torch._foreach_addcmul_(W, U, _rows(entry.table[:, 0], rows), value=-1.0)
             if wd:
-                torch._foreach_addcmul_(W, W, _rows(entry.table[:, 1], rows))
+                torch._foreach_addcmul_(W, W, _rows(entry.table[:, 2], rows), value=-1.0)
 
 
 def _rows(vector: torch.Tensor, rows: list) -> list:
@@ -420,41 +479,95 @@ def _rows(vector: torch.Tensor, rows: list) -> list:
 
 
 # ---- backend "triton" -------------------------------------------------------------------------------------
-class _Tables:
-    """A bucket's problems in the grouped kernels' form (lowrank_kernels/kernels/grouped.py):
-    ``dict(param, grad, basis, exp_avg, exp_avg_sq, N)`` per projected problem (N: a low-rank buffer in
-    the gradient's dtype), ``dict(param, grad, exp_avg, exp_avg_sq)`` per unprojected one."""
-
-    def __init__(self, signature: tuple, side: Optional[str], bucket: list):
-        self.signature = signature
-        self.side = side
-        self.bases = [(pr.P, pr.Q) for pr in bucket]
-        self.problems = []
-        for pr in bucket:
-            problem = dict(param=pr.weight, grad=pr.grad, exp_avg=pr.state["exp_avg"],
-                           exp_avg_sq=pr.state["exp_avg_sq"])
-            if side in ("left", "right"):
-                problem["basis"] = pr.P if side == "left" else pr.Q
-                problem["N"] = torch.empty(pr.state["exp_avg"].shape, dtype=pr.grad.dtype, device=pr.grad.device)
-            self.problems.append(problem)
-        # TODO(lead): when kernels/grouped.py lands, build the device tables here once:
-        #   self.grouped = grouped.build_projected_tables(self.problems, side)   (left / right)
-        #   self.grouped = grouped.build_adamw_tables(self.problems)             (unprojected)
+def _grouped():
+    from .kernels import grouped  # imports triton: only once a triton bucket exists
+    return grouped
 
 
-def _run_bucket_triton(tables: _Tables, scalars: list) -> None:
-    """Backend "triton" for one bucket.
+def _route(pr: _Problem) -> str:
+    """How backend "triton" steps a parameter: "grouped" (left/right projections: the grouped GEMM
+    kernels), "adamw" (unprojected: the multi-tensor kernel) or "single" (the per-parameter kernels).
 
-    TODO(lead): replace the per-problem loop by ``grouped.grouped_projected_step(tables.grouped,
-    entry.table[start:start + n], ...)`` (left/right) and ``grouped.grouped_adamw_step(...)``
-    (unprojected) with the device scalar table (SCALAR_COLUMNS); "full" may keep this loop. Until then
-    each problem runs the per-parameter kernels with host scalars, which a CUDA graph would freeze.
+    Decided before anything changes; raises for a dtype no kernel takes.
     """
+    if pr.weight.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"GaLoreAdamW(backend='triton') steps float32, bfloat16 and float16 parameters, got "
+                        f"{pr.weight.dtype} (shape {tuple(pr.p.shape)}); backend='auto' uses the reference for it")
+    if pr.side == "full" or pr.write_back is not None:
+        return "single"  # full: two small matmuls between the kernels; a copy: not a strided view of W
+    if pr.side is not None:
+        return "grouped"
+    from .kernels import multi_tensor_adamw
+    M, V = (pr.state.get(k) for k in MOMENT_KEYS)
+    if M is None:  # created contiguous by this step
+        M = V = torch.empty(pr.weight.shape, device="meta")
+    try:
+        multi_tensor_adamw.check_layout(0, pr.weight, pr.grad, M, V)
+    except ValueError:
+        return "single"  # param, grad and moments not in one dense layout (e.g. a transposed weight)
+    return "adamw"
+
+
+class _GroupedBucket:
+    """A triton bucket's grouped tables (kernels/grouped.py): problems in the builders' form, the low-rank
+    N buffer each projected problem writes (allocated once per build), and the (beta1, beta2, eps) the
+    tables hold per problem (so a bucket may span param groups)."""
+
+    def __init__(self, side: Optional[str], bucket: list):
+        grouped = _grouped()
+        self.side = side
+        self.N = None if side is None else [
+            torch.empty(pr.state["exp_avg"].shape, dtype=pr.grad.dtype, device=pr.grad.device) for pr in bucket]
+        self.hyper = [_adam_hyper(pr.group) for pr in bucket]
+        problems = [dict(prob, beta1=b1, beta2=b2, eps=eps)
+                    for prob, (b1, b2, eps) in zip(self.problems(bucket), self.hyper)]
+        if side is None:
+            self.tables = grouped.build_adamw_tables(problems)
+            self.step = grouped.grouped_adamw_step
+        else:
+            self.tables = grouped.build_projected_tables(problems, side, fill_sms=False)
+            self.step = grouped.grouped_projected_step
+
+    def problems(self, bucket: list) -> list:
+        if self.side is None:
+            return [dict(param=pr.weight, grad=pr.grad, exp_avg=pr.state["exp_avg"],
+                         exp_avg_sq=pr.state["exp_avg_sq"]) for pr in bucket]
+        return [dict(param=pr.weight, grad=pr.grad, basis=pr.P if self.side == "left" else pr.Q,
+                     exp_avg=pr.state["exp_avg"], exp_avg_sq=pr.state["exp_avg_sq"], N=N)
+                for pr, N in zip(bucket, self.N)]
+
+    def matches(self, bucket: list) -> bool:
+        return self.tables.matches(self.problems(bucket))
+
+    def sync_hyper(self, groups: list) -> None:
+        """Rewrite the tables' betas and eps in place where a group's changed (host-to-device only)."""
+        hyper = [_adam_hyper(group) for group in groups]
+        if hyper != self.hyper:
+            _no_capture(self.tables.device)
+            self.tables.set_hyper(hyper)
+            self.hyper = hyper
+
+    def prepare(self, bucket: list) -> None:
+        """Before the launches: current betas/eps, and the tables pointed at this step's gradients."""
+        self.sync_hyper([pr.group for pr in bucket])
+        grads = [pr.grad for pr in bucket]
+        if (_capturing(self.tables.device)
+                and tuple((g.data_ptr(), g.stride()) for g in grads) != self.tables.grad_signature):
+            raise RuntimeError("GaLoreAdamW: the gradients moved since the last eager step; a CUDA graph needs "
+                               "static gradients (zero_grad(set_to_none=False)) and an eager step before capture")
+        self.tables.update_grads(grads)
+
+    def run(self, scalars: torch.Tensor) -> None:
+        """The bucket's launches (two projected, one unprojected); ``scalars``: its rows of the device table.
+        Then the tables let go of the gradients (the addresses stay; the next prepare re-points them)."""
+        self.step(self.tables, scalars)
+        self.tables.release_grads()
+
+
+def _run_single(bucket: list) -> None:
+    """The per-parameter kernels with host step scalars (never under CUDA graph capture: see step())."""
     from .kernels import galore_step
 
-    device = tables.problems[0]["param"].device
-    if _capturing(device):
-        raise RuntimeError("GaLoreAdamW: backend='triton' steps cannot be captured in a CUDA graph until "
-                           "the grouped kernels read device step scalars; use backend='torch' for graphs")
-    for problem, (P, Q), s in zip(tables.problems, tables.bases, scalars):
-        galore_step(problem["param"], problem["grad"], P, Q, problem["exp_avg"], problem["exp_avg_sq"], **s)
+    for pr in bucket:
+        galore_step(pr.weight, pr.grad, pr.P, pr.Q, pr.state["exp_avg"], pr.state["exp_avg_sq"],
+                    **_host_scalars(pr))

@@ -374,25 +374,36 @@ def test_compiled_train_step_does_not_recompile_per_step():
 
 # ---- CUDA graphs on a GPU -------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_replay_equals_eager(backend):
     """Capture a whole ordinary training step (forward, backward, opt.step()) and replay it; refresh
-    steps run eagerly. Equals the same loop run eagerly, bit for bit."""
+    steps run eagerly. Equals the same loop run eagerly, bit for bit, through an lr and a betas change
+    (uploaded by opt.replay). backend="triton": the grouped kernels read the device scalar table."""
     torch.manual_seed(0)
     data = [(torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda")) for _ in range(10)]
+    change_at = 6  # data index where the lr halves and, for triton, the betas change
 
     def build():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 8)).cuda()
         opt = GaLoreAdamW([{"params": [model[0].bias, model[2].bias]},
                            {"params": [model[0].weight, model[2].weight], "rank": 4, "update_proj_gap": 4}],
-                          lr=1e-2, weight_decay=0.1, backend="torch")
+                          lr=1e-2, weight_decay=0.1, backend=backend)
         return model, opt
 
     def loss_of(model, x, y):
         return nn.functional.mse_loss(model(x), y)
 
+    def schedule(opt, i):
+        if i == change_at:
+            for group in opt.param_groups:
+                group["lr"] /= 2
+                if backend == "triton":  # backend "torch" bakes the betas in at capture (documented)
+                    group["betas"] = (0.85, 0.99)
+
     eager_model, eager_opt = build()
-    for x, y in data:
+    for i, (x, y) in enumerate(data):
+        schedule(eager_opt, i)
         eager_opt.zero_grad(set_to_none=False)
         loss_of(eager_model, x, y).backward()
         eager_opt.step()
@@ -415,7 +426,8 @@ def test_cuda_graph_replay_equals_eager():
         opt.step()
     graph.replay()  # the capture advanced the host counters but ran nothing: this runs step 2
     replays = 1
-    for x, y in data[2:]:
+    for i, (x, y) in enumerate(data[2:], start=2):
+        schedule(opt, i)
         static_x.copy_(x)
         static_y.copy_(y)
         if opt.refresh_due():

@@ -28,6 +28,12 @@ capturing a graph).
 "full" projection (P and Q) is not grouped: the caller steps it with kernels.galore_step, whose small
 matmuls (P^T G, P N) come between the two kernels; it is rare (galore's default is "std").
 
+Tile configs: a launch's tiles follow its largest problem and, on a GPU, shrink until the grid covers the
+SMs, so a problem's rounding (the GEMM's reduction order) can depend on the other problems in its launch.
+``build_projected_tables(..., fill_sms=False)`` keeps only the first rule; a caller that groups problems by
+``tile_configs`` then gets, for each problem, its own config in every launch, whatever else it holds (the
+optimizer's layer-wise steps stay bit-identical to whole-model ones).
+
 Gradients: the tables start from the problems' ``grad``; if gradients are reallocated between steps (as
 ``zero_grad(set_to_none=True)`` does), pass ``grads=[...]`` (problem order) to the step: their addresses
 are compared with the tables' and, if any changed, copied to the device without blocking the host. Under
@@ -35,6 +41,7 @@ CUDA graph capture gradients are static: do not pass new ones.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,11 +52,20 @@ from ._tables import KernelTable, check_problems, check_scalars, common_dtype, h
     tensor_signature
 
 __all__ = ["GroupedTables", "build_projected_tables", "grouped_projected_step", "build_adamw_tables",
-           "grouped_adamw_step", "projected_signature", "adamw_signature"]
+           "grouped_adamw_step", "projected_signature", "adamw_signature", "tile_configs"]
 
 PROJECTED_KEYS = ("param", "grad", "basis", "exp_avg", "exp_avg_sq", "N")
 ADAMW_KEYS = ("param", "grad", "exp_avg", "exp_avg_sq")
 SIDES = ("left", "right")
+
+
+@functools.lru_cache(maxsize=4096)
+def tile_configs(side: str, m: int, n: int, r: int, dtype: torch.dtype) -> tuple:
+    """Both kernels' tile configs (hashable) for a lone m x n problem of rank r in a ``fill_sms=False``
+    launch. Problems sharing them share them in any such launch (see the module docstring)."""
+    cpu = torch.device("cpu")  # with sms=0 the device is not consulted
+    return tuple(tuple(sorted(_launch.gemm_config(*dims(side, m, n, r), dtype, cpu, sms=0).items()))
+                 for dims in (grouped_project_adam.gemm_dims, grouped_backproject_update.gemm_dims))
 
 
 def projected_signature(problems: list) -> tuple:
@@ -99,6 +115,23 @@ class GroupedTables:
         self.grad_signature = sig
         return True
 
+    def release_grads(self) -> None:
+        """Drop the references to the gradients (keeping their shapes, dtypes and strides) so that
+        ``zero_grad(set_to_none=True)`` or a layer-wise step frees them; the next step must pass ``grads``.
+        The tables keep the addresses: a new gradient at the same address needs no rewrite."""
+        self.problems = [dict(p, grad=torch.empty_strided(p["grad"].shape, p["grad"].stride(),
+                                                           dtype=p["grad"].dtype, device="meta"))
+                         for p in self.problems]
+
+    def set_hyper(self, values: list) -> None:
+        """Rewrite the per-problem (beta1, beta2, eps) triples (problem order) in place, without blocking the
+        host, so a captured CUDA graph replays with them."""
+        if self.hyper is None or len(values) != self.num_problems:
+            raise ValueError("set_hyper needs tables built with per-problem beta1, beta2, eps, and one triple "
+                             "per problem")
+        rows = hyper_rows(values)
+        self.hyper.copy_(rows.pin_memory() if self.hyper.is_cuda else rows, non_blocking=True)
+
     def hyper_table(self, beta1, beta2, eps) -> torch.Tensor:
         given = [x is not None for x in (beta1, beta2, eps)]
         if any(given) and not all(given):
@@ -121,8 +154,11 @@ def _common(problems: list, keys: tuple) -> tuple:
     return device, dtypes
 
 
-def build_projected_tables(problems: list, side: str) -> GroupedTables:
-    """Tables for one (dtype, orientation) bucket of projected problems (see the module docstring)."""
+def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True) -> GroupedTables:
+    """Tables for one (dtype, orientation) bucket of projected problems (see the module docstring).
+
+    ``fill_sms=False``: tiles follow the largest problem only, never the GPU's SM count (see tile_configs).
+    """
     if side not in SIDES:
         raise ValueError(f"side must be 'left' or 'right' (full projections are stepped one by one); got {side!r}")
     device, dtypes = _common(problems, PROJECTED_KEYS)
@@ -144,10 +180,11 @@ def build_projected_tables(problems: list, side: str) -> GroupedTables:
     hyper = problem_hyper(problems)
     kernels = {}
     if problems:
+        sms = None if fill_sms else 0
         kernels["project_adam"] = grouped_project_adam.build(side, problems, device, dtypes["grad"],
-                                                             dtypes["exp_avg"], dtypes["exp_avg_sq"])
+                                                             dtypes["exp_avg"], dtypes["exp_avg_sq"], sms)
         kernels["backproject_update"] = grouped_backproject_update.build(side, problems, device, dtypes["grad"],
-                                                                         dtypes["param"])
+                                                                         dtypes["param"], sms)
     return GroupedTables("projected", side, device, len(problems), projected_signature(problems), list(problems),
                          kernels, None if hyper is None else hyper.to(device),
                          tuple((p["grad"].data_ptr(), p["grad"].stride()) for p in problems))

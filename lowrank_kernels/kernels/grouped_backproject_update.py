@@ -56,6 +56,11 @@ def _grouped_backproject_update_kernel(
     update_tile_epilogue(acc, offs_i, offs_j, I, J, w_ptr, stride_wi, stride_wj, alpha, decay, True, INTERPRETER)
 
 
+def gemm_dims(side: str, m: int, n: int, r: int) -> tuple:
+    """(I, J, K) of U = A B for an m x n weight of rank r, either side."""
+    return (m, n, r)
+
+
 def describe(side: str, problem: dict) -> tuple:
     """({W, A, B: Operand}, (m, n, r)) of one problem: U = P N (left) or N Q^T (right), Q^T read through
     Q's swapped strides."""
@@ -66,15 +71,17 @@ def describe(side: str, problem: dict) -> tuple:
         ops = dict(W=Operand.of(W), A=Operand.of(basis), B=Operand.of(N))
     else:
         ops = dict(W=Operand.of(W), A=Operand.of(N), B=Operand.of(basis, transposed=True))
-    return ops, (m, n, r)
+    return ops, gemm_dims(side, m, n, r)
 
 
-def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype) -> KernelTable:
-    """The launch's table from validated problems (each with param, basis, N)."""
+def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype,
+          sms=None) -> KernelTable:
+    """The launch's table from validated problems (each with param, basis, N); ``sms``: see
+    _launch.gemm_config (0: no SM filling)."""
     described = [describe(side, p) for p in problems]
     dims = [d for _, d in described]
     big = [max((d[i] for d in dims), default=1) for i in range(3)]
-    cfg = _launch.gemm_config(*big, dtype, device, [(I, J) for I, J, _ in dims])
+    cfg = _launch.gemm_config(*big, dtype, device, [(I, J) for I, J, _ in dims], sms)
     tiles = [triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) for I, J, _ in dims]
     rows = [[ops[k].ptr for k in "WAB"] + list(d) + [s for k in "WAB" for s in ops[k].strides] + [0, 0]
             for ops, d in described]

@@ -62,6 +62,11 @@ def _grouped_project_adam_kernel(
                        tl.load(hyper + 4), INTERPRETER)
 
 
+def gemm_dims(side: str, m: int, n: int, r: int) -> tuple:
+    """(I, J, K) of R = A B for an m x n weight of rank r: (r, n, m) left, (m, r, n) right."""
+    return (r, n, m) if side == "left" else (m, r, n)
+
+
 def describe(side: str, problem: dict, grad: torch.Tensor) -> tuple:
     """({A, B, M, V, N: Operand}, (I, J, K)) of one problem: R = A B with A = P^T, B = G (left) or A = G,
     B = Q (right); P^T is read through P's swapped strides, never materialised."""
@@ -71,9 +76,9 @@ def describe(side: str, problem: dict, grad: torch.Tensor) -> tuple:
     ops = dict(M=Operand.of(problem["exp_avg"]), V=Operand.of(problem["exp_avg_sq"]), N=Operand.of(problem["N"]))
     if side == "left":
         ops.update(A=Operand.of(basis, transposed=True), B=Operand.of(grad))
-        return ops, (r, n, m)
-    ops.update(A=Operand.of(grad), B=Operand.of(basis))
-    return ops, (m, r, n)
+    else:
+        ops.update(A=Operand.of(grad), B=Operand.of(basis))
+    return ops, gemm_dims(side, m, n, r)
 
 
 def _row(ops: dict, dims: tuple) -> list:
@@ -82,12 +87,13 @@ def _row(ops: dict, dims: tuple) -> list:
 
 
 def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, m_dtype: torch.dtype,
-          v_dtype: torch.dtype) -> KernelTable:
-    """The launch's table from validated problems (each with grad, basis, exp_avg, exp_avg_sq, N)."""
+          v_dtype: torch.dtype, sms=None) -> KernelTable:
+    """The launch's table from validated problems (each with grad, basis, exp_avg, exp_avg_sq, N); ``sms``:
+    see _launch.gemm_config (0: no SM filling)."""
     described = [describe(side, p, p["grad"]) for p in problems]
     dims = [d for _, d in described]
     big = [max((d[i] for d in dims), default=1) for i in range(3)]
-    cfg = _launch.gemm_config(*big, dtype, device, [(I, J) for I, J, _ in dims])
+    cfg = _launch.gemm_config(*big, dtype, device, [(I, J) for I, J, _ in dims], sms)
     tiles = [triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) for I, J, _ in dims]
     meta = dict(DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[m_dtype], V_DTYPE=TL_DTYPE[v_dtype],
                 PRECISION=_launch.dot_precision(dtype), **cfg,
