@@ -10,6 +10,7 @@ Spawning processes costs seconds, so each world size runs every scenario in ONE 
 the tests below only compare what the ranks returned.
 """
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_utils import run_distributed
 from lowrank_kernels import GaLoreAdamW, LayerwiseUpdates
 from lowrank_kernels.distributed import register_lowrank_comm_hook
-from lowrank_kernels.distributed.ddp import lowrank_numel
+from lowrank_kernels.distributed.ddp import expected_bytes, lowrank_numel
 
 GAP, BATCH = 5, 4  # 20 steps refresh at 0, 5, 10, 15; samples per rank and step
 # Conditioning: a refresh's SVD turns roundoff (1e-7: any change in summation order, plain DDP's own
@@ -56,11 +57,10 @@ class Net(nn.Module):
         return self.extra(h) if use_extra else h
 
 
-def groups(model, **projected):
+def groups(model, world_size, **projected):
     weights = [model.a.weight, model.b.weight, model.extra.weight]
     others = [p for p in model.parameters() if all(p is not w for w in weights)]
-    rank = RANK[torch.distributed.get_world_size()]
-    return [{"params": others}, {"params": weights, "rank": rank, "update_proj_gap": GAP, **projected}]
+    return [{"params": others}, {"params": weights, "rank": RANK[world_size], "update_proj_gap": GAP, **projected}]
 
 
 def batch(rank, step, micro=0, size=BATCH):
@@ -74,7 +74,7 @@ def train(rank, *, steps=20, hook=False, layerwise=False, accum=1, no_sync=True,
     """Train Net under DDP; returns weights, optimizer state and the hook's byte counts."""
     model = Net(dtype2, unused)
     ddp = DDP(model, find_unused_parameters=unused, gradient_as_bucket_view=view, bucket_cap_mb=0.01)
-    opt = GaLoreAdamW(groups(model, **projected), lr=1e-2, weight_decay=0.1, seed=3)
+    opt = GaLoreAdamW(groups(model, torch.distributed.get_world_size(), **projected), lr=1e-2, weight_decay=0.1, seed=3)
     state = register_lowrank_comm_hook(ddp, opt) if hook else None
     lw = LayerwiseUpdates(opt, accumulation_steps=accum, max_grad_norm=clip, model=ddp) if layerwise else None
     for step in range(steps):
@@ -100,21 +100,33 @@ def train(rank, *, steps=20, hook=False, layerwise=False, accum=1, no_sync=True,
             "bytes": state.history if state is not None else None}
 
 
-def refuse_layerwise_without_ddp(rank):
-    """LayerwiseUpdates under a world > 1 without model=, and with the unwrapped module: both raise."""
+def refusals(rank, world_size):
+    """LayerwiseUpdates misused under DDP: each case raises (returns the messages)."""
+    x, y = batch(rank, 0)
+    errors = []
     model = Net()
     ddp = DDP(model, bucket_cap_mb=0.01)
-    opt = GaLoreAdamW(groups(model), lr=1e-2)
-    errors = []
-    try:
+    opt = GaLoreAdamW(groups(model, world_size), lr=1e-2)
+    try:  # world > 1 and no model=
         LayerwiseUpdates(opt)
     except ValueError as e:
         errors.append(str(e))
     lw = LayerwiseUpdates(opt, model=model)  # the inner module: "gradients already reduced", which is false
     try:
-        lw.backward(F.mse_loss(ddp(batch(rank, 0)[0]), batch(rank, 0)[1]))
+        lw.backward(F.mse_loss(ddp(x), y))
     except RuntimeError as e:
         errors.append(str(e))
+    model = Net()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    opt = GaLoreAdamW(groups(model, world_size), lr=1e-2)
+    lw = LayerwiseUpdates(opt, model=ddp)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:  # the stepping micro-batch under no_sync: nothing was averaged
+        with ddp.no_sync():
+            lw.backward(F.mse_loss(ddp(x), y))
+    except RuntimeError as e:
+        errors.append(str(e))
+    errors.append(all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
     return errors
 
 
@@ -152,7 +164,7 @@ SCENARIOS = {
 def scenarios(rank, world_size):
     """Every scenario on this rank: one spawn per world size."""
     out = {name: train(rank, **cfg) for name, cfg in SCENARIOS.items()}
-    out["refusals"] = refuse_layerwise_without_ddp(rank)
+    out["refusals"] = refusals(rank, world_size)
     out["world_size"] = world_size
     return out
 
@@ -202,11 +214,12 @@ def test_layerwise_under_ddp_bit_identical_to_ordinary_loop(ranks, case):
         assert_equal(out[f"layerwise-{case}"]["state"], out[f"ordinary-{case}"]["state"], "state")
 
 
-def test_layerwise_under_ddp_without_model_is_refused(ranks):
+def test_layerwise_misuse_under_ddp_raises(ranks):
     for out in ranks:
-        construct, late = out["refusals"]
+        construct, late, no_sync, untouched = out["refusals"]
         assert "needs model=" in construct
         assert "DistributedDataParallel" in late
+        assert "no_sync" in no_sync and untouched
 
 
 @pytest.mark.parametrize("name", [*PROJ_TYPES, "energy-lazy", "converged", "nosync-unused", "sync-accum"])
@@ -221,18 +234,23 @@ def test_hook_matches_plain_ddp(ranks, name):
 def test_hook_bytes_are_the_low_rank_counts(ranks):
     """Measured bytes per step equal the analytic low-rank count on steps without a refresh."""
     shapes = [(64, 96), (40, 64), (40, 40)]  # a.weight, b.weight, extra.weight
-    r = RANK[ranks[0]["world_size"]]
+    world = ranks[0]["world_size"]
+    r = RANK[world]
     for proj in PROJ_TYPES:
         history = ranks[0][f"hook-{proj}"]["bytes"]
         assert len(history) == 20
         full = sum(m * n for m, n in shapes) * 4
         low = sum(lowrank_numel((m, n), r, proj) for m, n in shapes) * 4
+        expected = expected_bytes(groups(Net(), world, proj_type=proj))
         for step, rec in enumerate(history):
-            assert rec.projected_plain == full
+            # several DDP buckets once DDP has rebuilt them after the first backward
+            assert rec.projected_plain == full and (rec.buckets > 1 or step == 0)
             if step % GAP == 0:  # refresh: every projected weight goes whole
                 assert rec.compressed == 0 and rec.projected_reduced == full
+                assert rec.reduced == rec.plain == expected.plain
             else:
                 assert rec.compressed == 3 and rec.projected_reduced == low
+                assert dataclasses.replace(rec, buckets=0) == expected
                 # the acceptance bound: at least (min(m, n)/r)/1.2 times fewer bytes, weight by weight
                 bound = sum(m * n / (min(m, n) / r / 1.2) for m, n in shapes) * 4
                 assert rec.projected_reduced <= bound

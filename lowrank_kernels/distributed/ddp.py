@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import projection
 from ..reference import project, project_back
 
-__all__ = ["register_lowrank_comm_hook", "CommHookState", "StepBytes", "lowrank_numel"]
+__all__ = ["register_lowrank_comm_hook", "CommHookState", "StepBytes", "lowrank_numel", "expected_bytes"]
 
 # Refresh policies that read the whole gradient at every step (to decide whether to refresh).
 WHOLE_GRADIENT_POLICIES = ("converged",)
@@ -68,6 +68,7 @@ class StepBytes:
     projected_reduced: int = 0  # the part of ``reduced`` for parameters of projected groups
     projected_plain: int = 0  # ... and of ``plain``
     compressed: int = 0  # parameters sent as their projection
+    buckets: int = 0  # DDP buckets (one all-reduce each, plus one per bucket for layer-wise flags)
 
 
 class CommHookState:
@@ -99,6 +100,29 @@ def lowrank_numel(shape, rank: int, proj_type: str = "std") -> int:
     m, n = projection.matrix_shape(torch.Size(shape))
     rows, cols = projection.lowrank_shape(projection.orientation(proj_type, m, n), m, n, rank)
     return rows * cols
+
+
+def expected_bytes(param_groups) -> StepBytes:
+    """The hook's bytes for one step with no refresh due, from the groups' shapes alone (meta tensors
+    work): what :attr:`CommHookState.history` records on such a step, bucket count aside. For
+    rank_policy "energy" the group's ``rank`` is the upper bound."""
+    out = StepBytes()
+    for group in param_groups:
+        group = {**projection.PROJECTED_DEFAULTS, **group} if "rank" in group else group
+        compress = ("rank" in group and group.get("update", "galore") == "galore"
+                    and group["refresh_policy"] not in WHOLE_GRADIENT_POLICIES)
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            full = p.numel() * p.element_size()
+            sent = lowrank_numel(p.shape, group["rank"], group["proj_type"]) * p.element_size() if compress else full
+            out.plain += full
+            out.reduced += sent
+            out.compressed += compress
+            if "rank" in group:
+                out.projected_plain += full
+                out.projected_reduced += sent
+    return out
 
 
 def _refresh_due(state: dict, group: dict, grad2d: torch.Tensor) -> bool:
@@ -195,6 +219,7 @@ def _count(state: CommHookState, bucket, plan, send: torch.Tensor, compressed: i
     current.reduced += send.numel() * size
     current.plain += bucket.buffer().numel() * size
     current.compressed += compressed
+    current.buckets += 1
     for g, _, shape, projected in plan:
         if projected:
             current.projected_plain += g.numel() * size
