@@ -104,15 +104,16 @@ def environment() -> dict:
     return env
 
 
-def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence[str]) -> tuple[str, str]:
-    """Write ``rows`` as a markdown table and as JSON to bench/results/<name>_<device>_<date>.{md,json}.
+def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence[str],
+                  out_dir: str = RESULTS_DIR) -> tuple[str, str]:
+    """Write ``rows`` as a markdown table and as JSON to <out_dir>/<name>_<device>_<date>.{md,json}.
 
-    ``meta`` (usually :func:`environment` plus the run's options) heads both files. The table is
-    printed too; returns the two paths.
+    ``meta`` (usually :func:`environment` plus the run's options) heads both files; ``out_dir`` defaults
+    to bench/results. The table is printed too; returns the two paths.
     """
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     device = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower()).strip("-")
-    stem = os.path.join(RESULTS_DIR, f"{name}_{device}_{meta.get('date', datetime.date.today().isoformat())}")
+    stem = os.path.join(out_dir, f"{name}_{device}_{meta.get('date', datetime.date.today().isoformat())}")
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     lines = [f"# {name}", ""] + [f"- {key}: {value}" for key, value in meta.items()] + [""] + table

@@ -281,3 +281,24 @@ def test_hook_with_a_bf16_weight(ranks):
     assert max_rel_err(hooked, plain) < 2e-2
     assert hooked["b.weight"].dtype == torch.bfloat16
     assert any(rec.compressed for rec in ranks[0]["hook-bf16"]["bytes"])
+
+
+def test_which_parameters_are_compressed():
+    """The per-parameter decision (single process): a basis, no refresh due, GaLore's own update."""
+    from lowrank_kernels.distributed.ddp import _basis_for
+
+    def decisions(**projected):
+        model = Net()
+        opt = GaLoreAdamW(groups(model, 2, update_proj_gap=2, **projected), lr=1e-2)
+        out = []
+        for step in range(3):
+            F.mse_loss(model(batch(0, step)[0]), batch(0, step)[1]).backward()
+            out.append([_basis_for(opt, p, p.grad) is not None for p in (model.a.weight, model.a.bias)])
+            opt.step()
+            opt.zero_grad()
+        return out
+
+    # step 0: no state yet; step 1: compressed; step 2: refresh due (gap 2). Biases: never.
+    assert decisions() == [[False, False], [True, False], [False, False]]
+    assert decisions(refresh_policy="converged") == [[False, False]] * 3  # reads all of G every step
+    assert decisions(update="fira") == [[False, False]] * 3  # a residual rule needs all of G
