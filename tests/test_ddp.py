@@ -69,14 +69,36 @@ def batch(rank, step, micro=0, size=BATCH):
     return torch.randn(size, 96, generator=g) * scale, torch.randn(size, 40, generator=g) * scale * 3
 
 
-def train(rank, *, steps=20, hook=False, layerwise=False, accum=1, no_sync=True, unused=False,
+def train(rank, pg, *, steps=20, hook=False, layerwise=False, accum=1, no_sync=True, unused=False,
           view=False, dtype2=torch.float32, clip=None, **projected):
     """Train Net under DDP; returns weights, optimizer state and the hook's byte counts."""
     model = Net(dtype2, unused)
-    ddp = DDP(model, find_unused_parameters=unused, gradient_as_bucket_view=view, bucket_cap_mb=0.01)
-    opt = GaLoreAdamW(groups(model, torch.distributed.get_world_size(), **projected), lr=1e-2, weight_decay=0.1, seed=3)
+    ddp = DDP(model, process_group=pg, find_unused_parameters=unused, gradient_as_bucket_view=view,
+              bucket_cap_mb=0.01)
+    opt = GaLoreAdamW(groups(model, pg.size(), **projected), lr=1e-2, weight_decay=0.1, seed=3)
     state = register_lowrank_comm_hook(ddp, opt) if hook else None
     lw = LayerwiseUpdates(opt, accumulation_steps=accum, max_grad_norm=clip, model=ddp) if layerwise else None
+    # An independent count of the hook's traffic: every Python-side all-reduce (DDP's built-in one, without
+    # a hook, runs in C++ and is not seen).
+    calls, all_reduce = [], torch.distributed.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counting
+    try:
+        _loop(rank, model, ddp, opt, lw, steps, accum, no_sync, unused, clip)
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    comm = getattr(ddp, "_lowrank_comm_state", None)
+    return {"weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state": opt.state_dict()["state"],
+            "bytes": state.history if state is not None else None,
+            "counted": (comm.bytes_reduced, sum(calls)) if comm is not None else None}
+
+
+def _loop(rank, model, ddp, opt, lw, steps, accum, no_sync, unused, clip):
     for step in range(steps):
         for micro in range(accum):
             x, y = batch(rank, step, micro, BATCH // accum)
@@ -95,18 +117,15 @@ def train(rank, *, steps=20, hook=False, layerwise=False, accum=1, no_sync=True,
                         torch.nn.utils.clip_grad_norm_([p], clip)
             opt.step()
             opt.zero_grad()
-    return {"weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "state": opt.state_dict()["state"],
-            "bytes": state.history if state is not None else None}
 
 
-def refusals(rank, world_size):
+def refusals(rank, pg):
     """LayerwiseUpdates misused under DDP: each case raises (returns the messages)."""
     x, y = batch(rank, 0)
     errors = []
     model = Net()
-    ddp = DDP(model, bucket_cap_mb=0.01)
-    opt = GaLoreAdamW(groups(model, world_size), lr=1e-2)
+    ddp = DDP(model, process_group=pg, bucket_cap_mb=0.01)
+    opt = GaLoreAdamW(groups(model, pg.size()), lr=1e-2)
     try:  # world > 1 and no model=
         LayerwiseUpdates(opt)
     except ValueError as e:
@@ -117,8 +136,8 @@ def refusals(rank, world_size):
     except RuntimeError as e:
         errors.append(str(e))
     model = Net()
-    ddp = DDP(model, bucket_cap_mb=0.01)
-    opt = GaLoreAdamW(groups(model, world_size), lr=1e-2)
+    ddp = DDP(model, process_group=pg, bucket_cap_mb=0.01)
+    opt = GaLoreAdamW(groups(model, pg.size()), lr=1e-2)
     lw = LayerwiseUpdates(opt, model=ddp)
     before = [p.detach().clone() for p in model.parameters()]
     try:  # the stepping micro-batch under no_sync: nothing was averaged
@@ -162,16 +181,27 @@ SCENARIOS = {
 
 
 def scenarios(rank, world_size):
-    """Every scenario on this rank: one spawn per world size."""
-    out = {name: train(rank, **cfg) for name, cfg in SCENARIOS.items()}
-    out["refusals"] = refusals(rank, world_size)
-    out["world_size"] = world_size
+    """Every scenario on 3 processes, then again on a group of 2 of them: one spawn for both sizes."""
+    pairs = torch.distributed.new_group([0, 1])  # every rank must take part in creating it
+    out = {}
+    for size, pg in ((3, torch.distributed.group.WORLD), (2, pairs)):
+        if rank < size:  # rank 2 is no member of `pairs` (and gets no group object for it)
+            out[size] = {name: train(rank, pg, **cfg) for name, cfg in SCENARIOS.items()}
+            out[size]["refusals"] = refusals(rank, pg)
+            out[size]["world_size"] = size
+    torch.distributed.barrier()
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def ranks(request):
-    return run_distributed(scenarios, request.param)
+@pytest.fixture(scope="module")
+def spawned():
+    return run_distributed(scenarios, 3)
+
+
+@pytest.fixture(params=[2, 3], ids=lambda w: f"world{w}")
+def ranks(spawned, request):
+    """What each rank of a world of the given size returned."""
+    return [out[request.param] for out in spawned[:request.param]]
 
 
 def assert_equal(a, b, what):
@@ -255,6 +285,17 @@ def test_hook_bytes_are_the_low_rank_counts(ranks):
                 bound = sum(m * n / (min(m, n) / r / 1.2) for m, n in shapes) * 4
                 assert rec.projected_reduced <= bound
                 assert rec.reduced < rec.plain
+
+
+def test_hook_accounting_matches_the_all_reduce_calls(ranks):
+    checked = 0
+    for out in ranks:
+        for name in SCENARIOS:
+            if out[name]["counted"] is not None:
+                own, seen = out[name]["counted"]
+                assert own == seen > 0, name
+                checked += 1
+    assert checked == len(ranks) * sum(bool(cfg.get("hook") or cfg.get("layerwise")) for cfg in SCENARIOS.values())
 
 
 def test_hook_falls_back_where_the_whole_gradient_is_needed(ranks):

@@ -68,7 +68,8 @@ class StepBytes:
     projected_reduced: int = 0  # the part of ``reduced`` for parameters of projected groups
     projected_plain: int = 0  # ... and of ``plain``
     compressed: int = 0  # parameters sent as their projection
-    buckets: int = 0  # DDP buckets (one all-reduce each, plus one per bucket for layer-wise flags)
+    buckets: int = 0  # DDP buckets: one all-reduce each (layer-wise steps with find_unused_parameters
+    #                   add a small one per bucket, counted in ``reduced``)
 
 
 class CommHookState:
@@ -76,7 +77,8 @@ class CommHookState:
 
     ``history``: one :class:`StepBytes` per syncing backward; ``bytes_reduced`` and ``bytes_plain``:
     totals since registration. ``lowrank``: compress (else DDP's plain all-reduce, counted).
-    ``after(bucket, future) -> future``: chained after each bucket's reduction (layer-wise steps).
+    ``after(bucket, future) -> future``: called once a bucket's all-reduce is launched; may wait for it
+    (layer-wise steps).
     """
 
     def __init__(self, optimizer, process_group):
