@@ -164,7 +164,7 @@ def _expand_timings(rows: Sequence[dict], columns: Sequence[str]) -> tuple[list[
 
 
 def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence[str],
-                  directory: str | None = None) -> tuple[str, str]:
+                  directory: str | None = None, out_dir: str | None = None) -> tuple[str, str]:
     """Write ``rows`` as a markdown table and as JSON to <results dir>/<name>_<device>_<date>.{md,json}.
 
     ``meta`` (usually :func:`environment` plus the run's options) heads both files; the directory is
@@ -174,7 +174,7 @@ def write_results(name: str, rows: Sequence[dict], meta: dict, columns: Sequence
     rows, columns = _expand_timings(rows, columns)
     if any(c.endswith(" min") for c in columns):
         meta = {**meta, "timings": "each time column is the median of the timed runs, with min and max"}
-    directory = directory or results_dir(bool(meta.get("quick")))
+    directory = directory or out_dir or results_dir(bool(meta.get("quick")))
     os.makedirs(directory, exist_ok=True)
     device = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower()).strip("-")
     stem = os.path.join(directory, f"{name}_{device}_{meta.get('date', datetime.date.today().isoformat())}")

@@ -24,10 +24,20 @@ for bit: each parameter's step depends only on its own gradient and state (tests
     lw.remove()
 
 ``with lw.micro_batch(): loss.backward()`` is the same as ``lw.backward(loss)``. A backward outside
-them raises (a step might otherwise be skipped or taken at the wrong micro-batch). Data parallelism is
-not supported: DDP reduces gradients in buckets after the hooks would already have consumed them.
-FSDP2 (``fully_shard``) is: it runs these hooks itself on the sharded parameters, after its
-reduce-scatter, in the same order on every rank (tests/test_fsdp.py).
+them raises (a step might otherwise be skipped or taken at the wrong micro-batch).
+
+**DistributedDataParallel**: pass ``model=ddp_model``. A gradient is complete on one replica long before
+DDP has averaged it, so the steps then run from a DDP communication hook, bucket by bucket, once each
+bucket's all-reduce is done, with the averaged gradient: the result is bit-identical to the ordinary
+DDP loop, and the steps overlap the remaining backward and communication. Run the non-stepping
+micro-batches (forward and backward) under ``ddp_model.no_sync()``. DDP keeps its own full-size gradient
+buckets, so under DDP this saves no gradient memory. ``register_lowrank_comm_hook`` on the same model
+adds compression (:mod:`lowrank_kernels.distributed.ddp`). Under torch.distributed (world size > 1) a
+missing ``model`` raises: give the DDP module, or any other module (e.g. FSDP's) when gradients are
+already reduced when they reach ``p.grad``. A gradient written to a parameter after its step (DDP not
+declared) raises at the end of that backward.
+FSDP2 (``fully_shard``) runs these hooks itself on the sharded parameters, after its reduce-scatter,
+in the same order on every rank (tests/test_fsdp.py).
 """
 from __future__ import annotations
 
@@ -35,8 +45,17 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["LayerwiseUpdates"]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
 class LayerwiseUpdates:
@@ -46,20 +65,36 @@ class LayerwiseUpdates:
     ``with LayerwiseUpdates(...)`` block) takes the hooks off and restores the ordinary behaviour.
     """
 
-    def __init__(self, optimizer, accumulation_steps: int = 1, max_grad_norm: Optional[float] = None):
+    def __init__(self, optimizer, accumulation_steps: int = 1, max_grad_norm: Optional[float] = None, *,
+                 model: Optional[torch.nn.Module] = None):
         if not hasattr(optimizer, "step_param"):
             raise TypeError(f"{type(optimizer).__name__} has no step_param(p); use lowrank_kernels.GaLoreAdamW")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        ddp = _is_ddp(model)
+        if model is None and _world_size() > 1:
+            raise ValueError(
+                f"LayerwiseUpdates under torch.distributed (world size {_world_size()}) needs model=: the "
+                "DistributedDataParallel module (steps then wait for DDP's averaged gradients), or the "
+                "module whose gradients are already reduced when each parameter's hook fires (FSDP)"
+            )
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.micro_batches = 0  # backward passes run through micro_batch() so far
         self._inside: Optional[bool] = None  # None: outside micro_batch(); else: does this backward step?
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._stepped: list = []  # parameters stepped in the current stepping backward
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._params]
+        self._ddp, self._comm = None, None
+        if ddp:
+            from .distributed.ddp import install_comm_hook
+
+            self._ddp, self._ids = model, {id(p) for p in self._params}
+            self._reduced = 0  # buckets reduced (and stepped) in the current stepping backward
+            self._comm = install_comm_hook(model, optimizer, after=self._after_reduce)
 
     # ---- the training-loop API ------------------------------------------------------------------------
     @property
@@ -74,6 +109,7 @@ class LayerwiseUpdates:
             raise RuntimeError("micro_batch() blocks cannot be nested")
         steps = self.will_step
         self._inside = steps
+        self._stepped, self._reduced = [], 0
         try:
             yield steps
             if steps:
@@ -93,6 +129,8 @@ class LayerwiseUpdates:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._comm is not None:
+            self._comm.after = None  # DDP cannot unregister a hook: it goes back to a plain all-reduce
 
     def __enter__(self) -> "LayerwiseUpdates":
         return self
@@ -107,7 +145,7 @@ class LayerwiseUpdates:
                 "backward ran outside LayerwiseUpdates.micro_batch(): use lw.backward(loss) or "
                 "`with lw.micro_batch(): loss.backward()`, or lw.remove() the hooks first"
             )
-        if self._inside:
+        if self._inside and self._ddp is None:  # under DDP, _after_reduce steps once p is averaged
             self._step(p)
 
     def _step(self, p: torch.Tensor) -> None:
@@ -115,6 +153,37 @@ class LayerwiseUpdates:
             torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         self.optimizer.step_param(p)
         p.grad = None  # the point of layer-wise updates: the full-size gradient goes now
+        self._stepped.append(p)
+
+    def _after_reduce(self, bucket, fut):
+        """DDP: called by the communication hook after it launched a bucket's all-reduce; in a stepping
+        backward, waits for it and steps the bucket's parameters with their averaged gradients.
+
+        The steps run here, in the backward's own thread, not in a callback of the future: a callback
+        may run in a communication thread whose CPU math (LAPACK, thread count) can round differently,
+        and replicas must stay bit-identical. On CUDA, waiting only orders the streams. DDP copies the
+        bucket back into ``p.grad`` at the end of backward, so each step reads the bucket's view.
+        """
+        if not self._inside:
+            return fut
+        self._reduced += 1
+        params, grads = bucket.parameters(), bucket.gradients()
+        used = [True] * len(params)
+        if self._ddp.find_unused_parameters:
+            # The ordinary loop steps a parameter only if some replica gave it a gradient (DDP leaves a
+            # globally unused one's grad None): all-reduce "has a gradient" flags, one per parameter.
+            flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=grads[0].device)
+            dist.all_reduce(flags, group=self._comm.process_group)
+            self._comm.count(flags.numel() * flags.element_size())
+            used = flags.tolist()
+        result = fut.wait()  # raises if the reduction failed
+        for p, g, flag in zip(params, grads, used):
+            if flag and id(p) in self._ids:
+                p.grad = g  # the averaged gradient, a view into the reduced bucket
+                self._step(p)
+        done = torch.futures.Future()
+        done.set_result(result)
+        return done
 
     def _finish_step(self) -> None:
         """End of a stepping backward: an ordinary ``step()`` for whatever still holds a gradient.
@@ -124,6 +193,21 @@ class LayerwiseUpdates:
         Calling ``step()`` (a no-op for everything already stepped: their gradients are None) also runs
         the optimizer's step hooks and tells LR schedulers that the optimizer stepped.
         """
+        stepped, self._stepped = self._stepped, []
+        if self._ddp is not None:
+            for p in stepped:
+                p.grad = None  # DDP copied the averaged bucket back into it after the step
+            if not self._reduced and any(p.grad is not None for p in self._params):
+                raise RuntimeError(
+                    "LayerwiseUpdates: DDP reduced no gradient in the backward that steps (was it run under "
+                    "no_sync()?); nothing was stepped. Run only the non-stepping micro-batches under no_sync()"
+                )
+        elif any(p.grad is not None for p in stepped):
+            raise RuntimeError(
+                "LayerwiseUpdates: a gradient was written to a parameter after its step in this backward: "
+                "is the model wrapped in DistributedDataParallel? Pass model=ddp_model, so that each "
+                "parameter is stepped with DDP's averaged gradient"
+            )
         leftovers = [p for p in self._params if p.grad is not None]
         if self.max_grad_norm is not None:
             for p in leftovers:

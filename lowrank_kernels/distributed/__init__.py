@@ -1,1 +1,4 @@
-"""Distributed training helpers: FSDP2 sharded steps (fsdp.py)."""
+"""Distributed training with GaLoreAdamW: DDP (``ddp.py``) and FSDP2 (``fsdp.py``)."""
+from .ddp import register_lowrank_comm_hook
+
+__all__ = ["register_lowrank_comm_hook"]
