@@ -6,9 +6,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from . import projection
-from .backends import BACKENDS, step_function
+from . import projection, update_rules
+from .backends import BACKENDS
 from .projection import MOMENT_KEYS, POLICY_DEFAULTS, PROJECTED_DEFAULTS, STATE_DTYPES
+from .quant import QUANT_KEYS
 from .reference import adam_step_size
 from .validation import check_hyperparameters, is_int
 
@@ -41,8 +42,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
       "converged" (refresh when ||R|| changes by less than ``convergence_tol`` [0.05] relative between
       steps, at most ``update_proj_gap`` steps apart; one extra projection and host sync per step).
 
+    * ``update`` ["galore"]: the update rule, or "fira", "frugal" (its residual's signSGD lr is
+      ``lr * scale * inactive_lr_scale`` [1.0]), "apollo", "apollo-mini" (``scale_front``, ``disable_nl``
+      [False]): :mod:`lowrank_kernels.update_rules`. ``projector`` also takes "random" (APOLLO's seeded
+      Gaussian; the state keeps the seed) and "dct" (DCT-II columns; the state keeps their numbers).
+
     Any group may set ``state_dtype`` [None]: the moments' dtype; None keeps the gradient's dtype
-    (galore-torch), or "float32", "bfloat16", "float16".
+    (galore-torch), or "float32", "bfloat16", "float16", or "int8" (bitsandbytes' blockwise 8-bit
+    moments, :mod:`lowrank_kernels.quant`).
 
     Groups without ``rank`` are plain AdamW under galore-torch's rules: bias correction folded into the
     step size, ``eps`` added to the uncorrected sqrt(v), decoupled weight decay applied after the update.
@@ -226,23 +233,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
             side = projection.orientation(group["proj_type"], m, n)
             if refresh:
                 projection.refresh(state, grad, group, side, group["seed"], index)
-            P, Q = projection.basis_of(state)
+            P, Q = projection.basis_of(state, grad)
             scale = float(group["scale"])
             shape = projection.lowrank_shape(side, m, n, state["rank"])
         else:
             shape = p.shape
         if "exp_avg" not in state:
-            dtype = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
-            for key in MOMENT_KEYS:
-                state[key] = torch.zeros(shape, dtype=dtype, device=grad.device)
+            state.update(projection.new_moments(shape, group.get("state_dtype"), grad))
         state["step"] += 1
         # Bias correction counts the moments' own steps: the "zero" moments rule restarts them.
         moment_steps = state["step"] - state.get("moment_start", 0)
         step_size = adam_step_size(lr, beta1, beta2, moment_steps) if group["correct_bias"] else lr
-        galore_step = step_function(self.backend, weight)
-        galore_step(weight, grad, P, Q, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], step_size=step_size, scale=scale, lr=lr,
-                    weight_decay=group["weight_decay"])
+        # The group's update rule; groups without fused kernels (projection.fused_supported) run the reference.
+        update_rules.run_step(self.backend, group, state, weight, grad, P, Q, beta1=beta1, beta2=beta2,
+                              eps=group["eps"], step_size=step_size, scale=scale, lr=lr,
+                              weight_decay=group["weight_decay"])
         if write_back is not None:
             write_back.copy_(weight.view_as(write_back))
 
@@ -263,7 +268,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for idx in group["params"]:
                 if idx in saved_state:
                     entry = dict(saved_state[idx])
-                    kept[idx] = (dtype, {k: entry.pop(k) for k in MOMENT_KEYS if k in entry})
+                    kept[idx] = (dtype, {k: entry.pop(k) for k in MOMENT_KEYS + QUANT_KEYS if k in entry})
                     saved_state[idx] = entry
         super().load_state_dict({**state_dict, "state": saved_state})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -271,5 +276,5 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for idx, p in zip(saved_ids, params):
             if idx in kept:
                 dtype, moments = kept[idx]
-                for key, value in moments.items():
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
+                for key, value in moments.items():  # int8 scales stay fp32
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype if key in MOMENT_KEYS else value.dtype)

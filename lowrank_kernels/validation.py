@@ -7,6 +7,7 @@ import torch
 
 from .projection import (BASIS_SOURCES, MOMENT_RULES, PROJ_TYPES, RANK_POLICIES, REFRESH_POLICIES,
                          STATE_DTYPES)
+from .update_rules import UPDATE_RULES
 
 __all__ = ["check_hyperparameters", "is_int", "is_real"]
 
@@ -39,6 +40,9 @@ def check_hyperparameters(group: dict) -> None:
     if group.get("state_dtype") not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (must be one of {tuple(STATE_DTYPES)})")
     if "rank" not in group:
+        if group.get("update", "galore") != "galore":
+            raise ValueError(f"update={group['update']!r} needs a projected group (one with 'rank'); groups "
+                             "without 'rank' are plain AdamW")
         return
     if not is_int(group["rank"]) or group["rank"] < 1:
         raise ValueError(f"Invalid rank: {group['rank']!r} (must be an integer >= 1)")
@@ -50,9 +54,25 @@ def check_hyperparameters(group: dict) -> None:
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (must be one of {PROJ_TYPES})")
     for key, choices in (("projector", BASIS_SOURCES), ("rank_policy", RANK_POLICIES),
-                         ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES)):
+                         ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES),
+                         ("update", UPDATE_RULES)):
         if group[key] not in choices:
             raise ValueError(f"Invalid {key}: {group[key]!r} (must be one of {tuple(choices)})")
+    allowed = UPDATE_RULES[group["update"]].proj_types
+    if group["proj_type"] not in allowed:
+        raise ValueError(f"update={group['update']!r} is defined for proj_type in {allowed}, not "
+                         f"{group['proj_type']!r} (its reference implementation defines no other)")
+    if group["update"] == "frugal":
+        if not is_real(group["inactive_lr_scale"]) or group["inactive_lr_scale"] < 0.0:
+            raise ValueError(f"Invalid inactive_lr_scale: {group['inactive_lr_scale']!r} (must be a finite "
+                             "number >= 0)")
+    if group["update"] in ("apollo", "apollo-mini"):
+        for key in ("scale_front", "disable_nl"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
+    if group["projector"] == "random" and group["rank_policy"] != "fixed":
+        raise ValueError(f"rank_policy={group['rank_policy']!r} needs singular values; projector='random' "
+                         "has none: use rank_policy='fixed'")
     if group["rank_policy"] == "energy":
         xi, low, high = group["energy_threshold"], group["min_rank"], group["max_rank"]
         if not is_real(xi) or not 0.0 <= xi < 1.0:
