@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 import torch
 
@@ -33,19 +34,22 @@ def plot(summary: list, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in summary:
-        x = row["optimizer-state bytes"] / 2**20
-        ax.errorbar(x, row["eval loss, mean"], yerr=[[row["eval loss, mean"] - min(row["eval loss"])],
-                                                     [max(row["eval loss"]) - row["eval loss, mean"]]],
-                    fmt="o", capsize=3)
-        ax.annotate(row["optimizer"], (x, row["eval loss, mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = "osD^vP*Xh<>"
+    for i, row in enumerate(summary):  # a legend, not inline labels: equal-memory points overlap
+        x, y = row["optimizer-state bytes"] / 2**20, row["eval loss, mean"]
+        ax.errorbar(x, y, yerr=[[y - min(row["eval loss"])], [max(row["eval loss"]) - y]], fmt=markers[i % 11],
+                    capsize=3, label=f"{row['optimizer']}: {y:.3f}, {x:.2f} MiB")
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("optimizer-state memory (MiB, log scale)")
     ax.set_ylabel("eval loss (mean over seeds; bars: min to max)")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -58,7 +62,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     parser.add_argument("--quick", action="store_true", help="accepted for bench/__main__: 2 seeds of 20 steps")
+    parser.add_argument("--replot", metavar="DIR", help="only redraw DIR/frontier.png from DIR/results.json")
     args, demo_args = parser.parse_known_args()
+    if args.replot:
+        with open(os.path.join(args.replot, "results.json"), encoding="utf-8") as f:
+            result = json.load(f)
+        meta = result["meta"]
+        plot(result["rows"], os.path.join(args.replot, "frontier.png"),
+             f"{meta['setting']}; {meta['device']} {meta['date']}")
+        return
     demo_args = [a for a in demo_args if a != "--"]
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
