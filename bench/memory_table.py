@@ -1,5 +1,8 @@
 """Training memory of LLaMA 60M-7B (GaLore's configs) with AdamW and GaLore, from the optimizers' state.
 
+Rows include 8-bit moments (state_dtype="int8": uint8 codes + fp32 absmax per 256 entries) and the
+seed-only random basis (projector="random").
+
 Models are built on the meta device (nothing is allocated) with the demo's LLaMA
 (lowrank_kernels/demo/model.py), at the shapes of GaLore's configs/llama_*.json (untied embeddings,
 vocabulary 32000) and the ranks of the GaLore paper's tables. Optimizer state is measured from real
@@ -30,7 +33,7 @@ LLAMA = {
     "7B": (4096, 32, 32, 11008, 1024),
 }
 
-# label: (weight dtype, optimizer kind, state_dtype for every group)
+# label: (weight dtype, optimizer kind, state_dtype for every group[, extra keys of the projected groups])
 SETUPS = {
     "AdamW, fp32": (torch.float32, "adamw", None),
     "AdamW, bf16": (torch.bfloat16, "adamw", None),
@@ -38,6 +41,11 @@ SETUPS = {
     "ours, bf16 weights + states": (torch.bfloat16, "galore", "bfloat16"),
     # state_dtype keeps moments in fp32 under bf16 weights (galore-torch ties them to the gradient's dtype)
     "ours, bf16 weights, fp32 moments": (torch.bfloat16, "galore", "float32"),
+    # bitsandbytes-style 8-bit moments (codes + one fp32 scale per 256) in every group, embeddings included
+    "ours, bf16 weights, int8 moments": (torch.bfloat16, "galore", "int8"),
+    # APOLLO's seeded basis: the state keeps the seed, not the r x min(m, n) matrix
+    "ours, bf16 weights, int8 moments, random basis (seed only)": (torch.bfloat16, "galore", "int8",
+                                                                   {"projector": "random"}),
 }
 
 COUNTED = ("weights (parameter dtype) + gradients (full size, parameter dtype) + optimizer states (every "
@@ -51,7 +59,7 @@ COUNTED = ("weights (parameter dtype) + gradients (full size, parameter dtype) +
 
 def measure(name: str, setup: str) -> dict:
     dim, layers, heads, ffn, rank = LLAMA[name]
-    dtype, kind, state_dtype = SETUPS[setup]
+    dtype, kind, state_dtype, *extra = SETUPS[setup]
     with torch.device("meta"):
         model = Llama(ModelConfig(vocab_size=32000, dim=dim, n_layers=layers, n_heads=heads, ffn_dim=ffn))
     model.to(dtype)
@@ -63,7 +71,8 @@ def measure(name: str, setup: str) -> dict:
         opt.step()  # the real state, on meta tensors
     else:
         groups = galore_param_groups(model, GALORE_TARGETS, rank=rank)
-        opt = GaLoreAdamW([{**g, "state_dtype": state_dtype} for g in groups])
+        extra = extra[0] if extra else {}
+        opt = GaLoreAdamW([{**g, "state_dtype": state_dtype, **(extra if "rank" in g else {})} for g in groups])
         init_state(opt)
     gib = 2.0**30
     weights = sum(tensor_bytes(p) for p in params)

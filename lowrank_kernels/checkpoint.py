@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from .distributed import fsdp
+from .quant import QUANT_KEYS
 from .projection import MOMENT_KEYS, STATE_DTYPES, matrix_shape, max_rank, orientation
 from .validation import check_hyperparameters, check_loaded_entry, check_projectable, fill_defaults, is_int
 
@@ -73,6 +74,8 @@ def _load_value(key, value, p: torch.Tensor, state_dtype):
         return copy.deepcopy(value)
     if key in MOMENT_KEYS and state_dtype is not None:
         out = value.to(device=p.device, dtype=state_dtype)
+    elif key in QUANT_KEYS or not value.is_floating_point():  # int8 scales stay fp32; seeds, indices keep theirs
+        out = value.to(device=p.device)
     elif p.is_floating_point():
         out = value.to(device=p.device, dtype=p.dtype)
     else:

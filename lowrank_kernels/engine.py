@@ -226,11 +226,15 @@ class StepEngine:
     def step(self, opt, work: list) -> None:
         if not work:
             return
-        sharded = [item for item in work if fsdp.is_dtensor(item[1])]
-        if sharded:  # FSDP2 shards step on their own path, in the plan's order (collectives must match)
-            for item in sharded:
+        # FSDP2 shards step on their own path, in the plan's order (collectives must match); update rules
+        # and bases the bucketed math does not cover (fira, frugal, apollo, int8 moments, random and dct
+        # bases: projection.fused_supported) take the per-parameter path, whose math is update_rules'.
+        own = [item for item in work if fsdp.is_dtensor(item[1]) or not projection.fused_supported(item[0])]
+        if own:
+            for item in own:
                 opt._step_param(*item)
-            work = [item for item in work if not fsdp.is_dtensor(item[1])]
+            work = [item for item in work if not (fsdp.is_dtensor(item[1]) or
+                                                 not projection.fused_supported(item[0]))]
             if not work:
                 return
         problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]

@@ -45,6 +45,8 @@ import contextlib
 from typing import Optional
 
 import torch
+
+from .distributed import fsdp
 import torch.distributed as dist
 
 __all__ = ["LayerwiseUpdates"]
@@ -74,7 +76,9 @@ class LayerwiseUpdates:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         ddp = _is_ddp(model)
-        if model is None and _world_size() > 1:
+        # FSDP2 shards (DTensor parameters) are stepped from hooks FSDP2 runs after its reduce-scatter.
+        sharded = any(fsdp.is_dtensor(p) for g in optimizer.param_groups for p in g["params"])
+        if model is None and not sharded and _world_size() > 1:
             raise ValueError(
                 f"LayerwiseUpdates under torch.distributed (world size {_world_size()}) needs model=: the "
                 "DistributedDataParallel module (steps then wait for DDP's averaged gradients), or the "

@@ -6,7 +6,7 @@ from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
-from . import projection
+from . import projection, update_rules
 from .backends import BACKENDS, step_function
 from .checkpoint import prepare_load
 from .distributed import fsdp
@@ -70,10 +70,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
       "converged" (refresh when ||R|| changes by less than ``convergence_tol`` [0.05] relative between
       steps, at most ``update_proj_gap`` steps apart; one extra projection and host sync per step).
 
+    * ``update`` ["galore"]: the update rule, or "fira", "frugal" (its residual's signSGD lr is
+      ``lr * scale * inactive_lr_scale`` [1.0]), "apollo", "apollo-mini" (``scale_front``, ``disable_nl``
+      [False]): :mod:`lowrank_kernels.update_rules`. ``projector`` also takes "random" (APOLLO's seeded
+      Gaussian; the state keeps the seed) and "dct" (DCT-II columns; the state keeps their numbers).
+
     Any group may set ``state_dtype`` [None]: the moments' dtype; None keeps the gradient's dtype
-    (galore-torch), or "float32", "bfloat16", "float16"; and ``check_finite`` [the optimizer's
-    argument, False]: refuse a step whose gradient holds a NaN or Inf at any step, not only at a refresh
-    (one host synchronisation per step).
+    (galore-torch), or "float32", "bfloat16", "float16", or "int8" (bitsandbytes' blockwise 8-bit
+    moments, :mod:`lowrank_kernels.quant`); and ``check_finite`` [the optimizer's argument, False]: refuse
+    a step whose gradient holds a NaN or Inf at any step, not only at a refresh (one host
+    synchronisation per step).
 
     Groups without ``rank`` are plain AdamW under galore-torch's rules: bias correction folded into the
     step size, ``eps`` added to the uncorrected sqrt(v), decoupled weight decay applied after the update.
@@ -397,23 +403,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
             side = projection.orientation(group["proj_type"], m, n)
             if refresh:
                 projection.refresh(state, grad, group, side, group["seed"], index)
-            P, Q = projection.basis_of(state)
+            P, Q = projection.basis_of(state, grad)
             scale = float(group["scale"])
             shape = projection.lowrank_shape(side, m, n, state["rank"])
         else:
             shape = p.shape
         if "exp_avg" not in state:
-            dtype = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
-            for key in MOMENT_KEYS:
-                state[key] = torch.zeros(shape, dtype=dtype, device=grad.device)
+            state.update(projection.new_moments(shape, group.get("state_dtype"), grad))
         state["step"] += 1
         # Bias correction counts the moments' own steps: the "zero" moments rule restarts them.
         moment_steps = state["step"] - state.get("moment_start", 0)
         step_size = adam_step_size(lr, beta1, beta2, moment_steps) if group["correct_bias"] else lr
-        galore_step = step_function(self.backend, weight)
-        galore_step(weight, grad, P, Q, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], step_size=step_size, scale=scale, lr=lr,
-                    weight_decay=group["weight_decay"])
+        # The group's update rule; groups without fused kernels (projection.fused_supported) run the reference.
+        update_rules.run_step(self.backend, group, state, weight, grad, P, Q, beta1=beta1, beta2=beta2,
+                              eps=group["eps"], step_size=step_size, scale=scale, lr=lr,
+                              weight_decay=group["weight_decay"])
         if write_back is not None:
             write_back.copy_(weight.view_as(write_back))
 

@@ -16,7 +16,8 @@ import torch
 
 from .projection import (BASIS_KEYS, BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS,
                          PROJ_TYPES, PROJECTED_DEFAULTS, RANK_POLICIES, REFRESH_POLICIES, STATE_DTYPES,
-                         lowrank_shape, matrix_shape, max_rank, orientation)
+                         COMPACT_KEYS, lowrank_shape, matrix_shape, max_rank, orientation)
+from .update_rules import UPDATE_RULES
 
 __all__ = ["check_hyperparameters", "check_loaded_entry", "check_projectable", "check_state_fits",
            "expected_side", "fill_defaults", "is_int", "is_real", "stored_side"]
@@ -76,6 +77,9 @@ def check_hyperparameters(group: dict) -> None:
     if group.get("state_dtype") not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (must be one of {tuple(STATE_DTYPES)})")
     if "rank" not in group:
+        if group.get("update", "galore") != "galore":
+            raise ValueError(f"update={group['update']!r} needs a projected group (one with 'rank'); groups "
+                             "without 'rank' are plain AdamW")
         return
     if not is_int(group["rank"]) or group["rank"] < 1:
         raise ValueError(f"Invalid rank: {group['rank']!r} (must be an integer >= 1)")
@@ -87,9 +91,25 @@ def check_hyperparameters(group: dict) -> None:
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (must be one of {PROJ_TYPES})")
     for key, choices in (("projector", BASIS_SOURCES), ("rank_policy", RANK_POLICIES),
-                         ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES)):
+                         ("moments_on_refresh", MOMENT_RULES), ("refresh_policy", REFRESH_POLICIES),
+                         ("update", UPDATE_RULES)):
         if not isinstance(group[key], str) or group[key] not in choices:
             raise ValueError(f"Invalid {key}: {group[key]!r} (must be one of {tuple(choices)})")
+    allowed = UPDATE_RULES[group["update"]].proj_types
+    if group["proj_type"] not in allowed:
+        raise ValueError(f"update={group['update']!r} is defined for proj_type in {allowed}, not "
+                         f"{group['proj_type']!r} (its reference implementation defines no other)")
+    if group["update"] == "frugal":
+        if not is_real(group["inactive_lr_scale"]) or group["inactive_lr_scale"] < 0.0:
+            raise ValueError(f"Invalid inactive_lr_scale: {group['inactive_lr_scale']!r} (must be a finite "
+                             "number >= 0)")
+    if group["update"] in ("apollo", "apollo-mini"):
+        for key in ("scale_front", "disable_nl"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
+    if group["projector"] == "random" and group["rank_policy"] != "fixed":
+        raise ValueError(f"rank_policy={group['rank_policy']!r} needs singular values; projector='random' "
+                         "has none: use rank_policy='fixed'")
     if group["rank_policy"] == "energy":
         xi, low, high = group["energy_threshold"], group["min_rank"], group["max_rank"]
         if not is_real(xi) or not 0.0 <= xi < 1.0:
@@ -138,7 +158,9 @@ def _projectable_problem(shape: torch.Size, is_complex: bool, rank: int) -> Opti
 # ---- optimizer state ----------------------------------------------------------------------------------
 def stored_side(entry: dict) -> Optional[str]:
     """The side a state entry's basis projects ("left", "right", "full"), None without a basis."""
-    left, right = "proj_left" in entry, "proj_right" in entry
+    # A regenerated basis ("random", "dct") is stored as proj_left_<suffix> / proj_right_<suffix> only.
+    left = any(k == "proj_left" or k.startswith("proj_left_") for k in entry)
+    right = any(k == "proj_right" or k.startswith("proj_right_") for k in entry)
     return "full" if left and right else "left" if left else "right" if right else None
 
 
@@ -162,9 +184,9 @@ def _expected_shapes(entry: dict, shape) -> dict:
     m, n = matrix_shape(shape)
     r = entry.get("rank")
     shapes = {key: lowrank_shape(side, m, n, r) for key in MOMENT_KEYS}
-    if side in ("left", "full"):
+    if "proj_left" in entry:
         shapes["proj_left"] = (m, r)
-    if side in ("right", "full"):
+    if "proj_right" in entry:
         shapes["proj_right"] = (n, r)
     return shapes
 
@@ -179,13 +201,15 @@ def check_state_fits(entry: dict, shape: torch.Size, label) -> object:
     """
     M, V = entry.get("exp_avg"), entry.get("exp_avg_sq")
     P, Q = entry.get("proj_left"), entry.get("proj_right")
-    if P is None and Q is None:
+    # A regenerated basis ("random", "dct") keeps only proj_*_seed / proj_*_index.
+    side = stored_side(entry) if P is None and Q is None and "rank" in entry else None
+    if P is None and Q is None and side is None:
         if M is None and V is None:
             return False
         fits = (M is None or M.shape == shape) and (V is None or V.shape == shape)
-        side = None
     else:  # inline arithmetic: this is the per-parameter, per-step path
-        side = "full" if P is not None and Q is not None else "left" if P is not None else "right"
+        if side is None:
+            side = "full" if P is not None and Q is not None else "left" if P is not None else "right"
         m = shape[0]
         n = shape.numel() // m if m else matrix_shape(shape)[1]
         r = entry.get("rank")
@@ -229,8 +253,9 @@ def check_loaded_entry(entry: dict, group: dict, shape, label: str) -> None:
     required = list(MOMENT_KEYS)
     if want_side is not None:
         m, n = matrix_shape(shape)
+        compact = any(k in entry for k in COMPACT_KEYS)  # random, dct: a seed or indices, not the basis
         required += [k for k, s in (("proj_left", ("left", "full")), ("proj_right", ("right", "full")))
-                     if want_side in s]
+                     if want_side in s and not compact]
         for key in ("rank", "refreshes", "last_refresh"):
             _nonneg_int(entry, key, label, required=True)
         if not 1 <= entry["rank"] < min(m, n):
@@ -248,7 +273,9 @@ def check_loaded_entry(entry: dict, group: dict, shape, label: str) -> None:
                          f"projects the {want_side} side of this {m}x{n} weight")
     for key, want in _expected_shapes(entry, shape).items():
         value = entry[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        int8_codes = key in MOMENT_KEYS and group.get("state_dtype") == "int8"
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or
+                                                       (int8_codes and value.dtype == torch.uint8)):
             got = f"a tensor of {value.dtype}" if isinstance(value, torch.Tensor) else repr(type(value).__name__)
             raise ValueError(f"{label}: checkpoint state {key!r} must be a real floating-point tensor, got {got}")
         if tuple(value.shape) != tuple(want):

@@ -68,7 +68,7 @@ def test_one_dimensional_parameter_in_projected_group():
         ({}, dict(scale=float("inf")), "Invalid scale"),
         ({}, dict(proj_type="diagonal"), "Invalid proj_type"),
         ({}, dict(projector="qr"), "Invalid projector"),
-        ({}, dict(state_dtype="int8"), "Invalid state_dtype"),
+        ({}, dict(state_dtype="int4"), "Invalid state_dtype"),
         (dict(backend="cuda"), {}, "Invalid backend"),
         (dict(seed=1.5), {}, "Invalid seed"),
     ],

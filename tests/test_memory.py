@@ -118,3 +118,26 @@ def test_llama_60m_on_meta_matches_the_analytic_count():
     assert 58e6 < sum(p.numel() for p in model.parameters()) < 59e6  # GaLore's "60M"
     projected = lambda name, p: ".attn." in name or ".mlp." in name  # noqa: E731
     assert state_bytes(opt) == analytic_bytes(model, 128, 4, 4, projected)
+
+
+@pytest.mark.parametrize("projector", ["svd", "random"])
+def test_llama_60m_int8_moments_match_the_analytic_count(projector):
+    """8-bit moments: one byte per entry plus one fp32 scale per 256 entries, in every group; the random
+    basis is stored as a seed (no bytes)."""
+    with torch.device("meta"):
+        model = Llama(ModelConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, ffn_dim=1376))
+    groups = galore_param_groups(model, GALORE_TARGETS, rank=128)
+    opt = GaLoreAdamW([{**g, "state_dtype": "int8", **({"projector": projector} if "rank" in g else {})}
+                       for g in groups], lr=1e-3)
+    init_state(opt)
+
+    def moments(entries):
+        return 2 * (entries + 4 * -(-entries // 256))
+
+    expected = 0
+    for name, p in model.named_parameters():
+        if ".attn." in name or ".mlp." in name:
+            expected += moments(128 * max(p.shape)) + (4 * 128 * min(p.shape) if projector == "svd" else 0)
+        else:
+            expected += moments(p.numel())
+    assert state_bytes(opt) == expected

@@ -6,7 +6,9 @@ Optimizers (``--optimizers``): ``adamw`` (torch.optim.AdamW), ``galore-torch`` (
 importable), ``ours`` (lowrank_kernels.GaLoreAdamW, backend "auto": the fused Triton kernels on CUDA, the
 reference on CPU), ``ours-rsvd`` (randomized-SVD bases), ``ours-layerwise`` (steps inside backward,
 lowrank_kernels.layerwise), and strategy variants (``ours-warm``, ``ours-energy``, ``ours-zero``,
-``ours-rotate``, ``ours-lazy``, ``ours-converged``: see ``VARIANTS``). GaLore projects the attention and
+``ours-rotate``, ``ours-lazy``, ``ours-converged``), update rules and bases (``ours-fira``,
+``ours-frugal``, ``ours-apollo``, ``ours-apollo-mini``, ``ours-dct``) and 8-bit moments (``ours-int8``):
+see ``VARIANTS``. GaLore projects the attention and
 MLP weights; embeddings, norms and lm_head stay plain AdamW, as in GaLore's scripts. As in the GaLore paper, AdamW and the GaLore runs have their own
 peak lr (``--lr``, ``--galore-lr``; projected weights move at ``galore_lr * scale``), with the same schedule
 (linear warm-up over 10% of the steps, cosine decay to 10%).
@@ -45,6 +47,14 @@ VARIANTS = {
     "ours-rotate": {"moments_on_refresh": "rotate"},
     "ours-lazy": {"refresh_policy": "lazy"},
     "ours-converged": {"refresh_policy": "converged"},
+    # Update rules and sources beyond GaLore (lowrank_kernels.update_rules), at their papers' settings:
+    "ours-fira": {"update": "fira"},
+    "ours-frugal": {"update": "frugal", "moments_on_refresh": "zero"},  # FRUGAL resets the moments
+    "ours-apollo": {"update": "apollo", "projector": "random", "scale": 1.0},
+    "ours-apollo-mini": {"update": "apollo-mini", "projector": "random", "rank": 1, "scale": 128.0,
+                         "scale_front": True},  # APOLLO's small-model Mini runs use scale_front
+    "ours-dct": {"projector": "dct"},
+    "ours-int8": {"state_dtype": "int8"},  # applies to every group (see make_optimizer)
 }
 ALL_OPTIMIZERS = ("adamw", "galore-torch", *VARIANTS)
 DEFAULT_OPTIMIZERS = ("adamw", "galore-torch", "ours", "ours-rsvd")
@@ -74,6 +84,9 @@ def make_optimizer(name: str, model: torch.nn.Module, args):
             warnings.simplefilter("ignore", FutureWarning)  # its "AdamW is deprecated" warning
             return galore_torch_module().GaLoreAdamW(groups, **kwargs), None
     groups[-1].update(VARIANTS[name])
+    if "state_dtype" in VARIANTS[name]:  # the moments' precision is for every group, embeddings included
+        for group in groups:
+            group["state_dtype"] = VARIANTS[name]["state_dtype"]
     opt = GaLoreAdamW(groups, **kwargs, backend="auto", seed=args.seed)
     return opt, (LayerwiseUpdates(opt) if name == "ours-layerwise" else None)
 
