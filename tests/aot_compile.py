@@ -22,6 +22,7 @@ from lowrank_kernels.kernels import _launch  # noqa: E402
 from lowrank_kernels.kernels.adamw import BLOCK, _adamw_kernel  # noqa: E402
 from lowrank_kernels.kernels.backproject_update import _backproject_update_kernel  # noqa: E402
 from lowrank_kernels.kernels.grouped_backproject_update import _grouped_backproject_update_kernel  # noqa: E402
+from lowrank_kernels.kernels.grouped_int8_adam import BLOCKS_PER_PROGRAM, _grouped_int8_adam_kernel  # noqa: E402
 from lowrank_kernels.kernels.grouped_project_adam import _grouped_project_adam_kernel  # noqa: E402
 from lowrank_kernels.kernels.multi_tensor_adamw import BLOCK as MT_BLOCK  # noqa: E402
 from lowrank_kernels.kernels.multi_tensor_adamw import _multi_tensor_adamw_kernel  # noqa: E402
@@ -108,6 +109,12 @@ def multi_tensor_adamw_case(dtype, aligned=True):
     return _multi_tensor_adamw_kernel, TABLES, cx, 4, 1
 
 
+def int8_adam_case(projected, dtype, aligned=True):
+    cx = dict(X_DTYPE=TL_DTYPE[dtype], Y_DTYPE=TL_DTYPE[dtype], PROJECTED=projected, ALIGNED=aligned,
+              BLOCKS=BLOCKS_PER_PROGRAM, INTERPRETER=False)
+    return _grouped_int8_adam_kernel, dict(TABLES, maps_ptr=torch.float32), cx, 4, 1
+
+
 def grouped_cases():
     bf16, fp32 = torch.bfloat16, torch.float32
     for arch in (90, 80):
@@ -123,6 +130,9 @@ def grouped_cases():
     for dtype in (bf16, fp32):
         k, p, cx, w, s = multi_tensor_adamw_case(dtype)
         yield f"multi_tensor_adamw {dtype}", k, p, cx, 90, w, s
+    for projected in (True, False):
+        k, p, cx, w, s = int8_adam_case(projected, bf16)
+        yield f"grouped_int8_adam {'projected' if projected else 'unprojected'} bf16", k, p, cx, 90, w, s
 
 
 def main() -> int:

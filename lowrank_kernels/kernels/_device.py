@@ -74,9 +74,13 @@ def adam_moments(r, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     N comes from the moments as stored, like galore-torch's: with fp16 moments a small r^2 underflows V to
     0 and N = M / eps, and a step computed from the unrounded V would be a different step. The 1 - beta
     arguments are computed in double by the host and rounded once: 1 - fp32(0.999) would be 1.3e-5 off.
+    The fmas are torch's own rounding (``m.mul_(b1).add_(r, alpha=1-b1)`` is fma(1-b1, r, b1*m),
+    ``v.mul_(b2).addcmul_(r, r, value=1-b2)`` is fma((1-b2)*r, r, b2*v), measured on CPU): fp32 moments
+    come out bit-identical to the reference's, which 8-bit moments need (a code flips on one ulp at a
+    midpoint), and compiled triton could otherwise contract either product into the add.
     """
-    m = round_to(beta1 * m + one_minus_beta1 * r, M_DTYPE, INTERPRETER)
-    v = round_to(beta2 * v + one_minus_beta2 * r * r, V_DTYPE, INTERPRETER)
+    m = round_to(tl.fma(one_minus_beta1, r, beta1 * m), M_DTYPE, INTERPRETER)
+    v = round_to(tl.fma(one_minus_beta2 * r, r, beta2 * v), V_DTYPE, INTERPRETER)
     n = m.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps)
     return m, v, n
 
