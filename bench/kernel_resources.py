@@ -80,21 +80,21 @@ def cases():
                     stride_vi=N, stride_vj=1, stride_ni=N, stride_nj=1)
         yield ("project_adam (left)", shape, aot._project_adam_kernel,
                dict(a_ptr=BF16, b_ptr=BF16, m_ptr=BF16, v_ptr=BF16, n_ptr=BF16), cx, w, s, ints)
-        layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True)
+        layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=7)
         cx, w, s = gemm(r, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
         yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
         cx, w, s = gemm(M, N, r, dict(HAS_DECAY=True))  # kernel (b): I = m, J = n, K = r
         ints = dict(I=M, J=N, K=r, stride_wi=N, stride_wj=1, stride_ai=r, stride_ak=1, stride_bk=N, stride_bj=1)
         yield ("backproject_update (left)", shape, aot._backproject_update_kernel,
                dict(w_ptr=BF16, a_ptr=BF16, b_ptr=BF16), cx, w, s, ints)
-        cx, w, s = gemm(M, N, r, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True))
+        cx, w, s = gemm(M, N, r, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True, DIMS8=7))
         yield ("grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES,
                cx, w, s)
     shape = f"{N}x{M} r=512"  # the transposed weight: right orientation, R = G Q (I = m, J = r, K = n)
-    layouts = dict(A_LAYOUT=1, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True)
+    layouts = dict(A_LAYOUT=1, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=7)
     cx, w, s = gemm(N, 512, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
     yield "grouped_project_adam (right)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
-    cx, w, s = gemm(N, M, 512, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True))
+    cx, w, s = gemm(N, M, 512, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True, DIMS8=7))
     yield "grouped_backproject_update (right)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
     yield ("adamw", "any (1024-element blocks)", aot._adamw_kernel, dict(w_ptr=BF16, g_ptr=BF16, m_ptr=BF16, v_ptr=BF16),
            dict(BLOCK=aot.BLOCK, HAS_DECAY=True, INTERPRETER=False), 4, 1, dict(numel=M * N))

@@ -89,7 +89,8 @@ def grouped_project_case(side, dtype, moments, aligned=True):
     layouts = dict(A_LAYOUT=(2 if side == "left" else 1) * unit, B_LAYOUT=unit, M_LAYOUT=unit, V_LAYOUT=unit,
                    N_LAYOUT=unit)
     cx, w, s = gemm_constexprs(I, J, K, dtype, DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[moments],
-                               V_DTYPE=TL_DTYPE[moments], ALIGNED=aligned, **layouts)
+                               V_DTYPE=TL_DTYPE[moments], ALIGNED=aligned, DIMS8=7 if aligned else 0,
+                               **layouts)
     return _grouped_project_adam_kernel, TABLES, cx, w, s
 
 
@@ -98,7 +99,7 @@ def grouped_update_case(side, weight, basis, aligned=True):
     unit = 1 if aligned else 0
     layouts = dict(W_LAYOUT=unit, A_LAYOUT=unit, B_LAYOUT=(1 if side == "left" else 2) * unit)
     cx, w, s = gemm_constexprs(M, N, R, basis, DTYPE=TL_DTYPE[basis], W_DTYPE=TL_DTYPE[weight], ALIGNED=aligned,
-                               **layouts)
+                               DIMS8=7 if aligned else 0, **layouts)
     return _grouped_backproject_update_kernel, TABLES, cx, w, s
 
 
