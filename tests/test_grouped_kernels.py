@@ -357,6 +357,19 @@ def test_grouped_projected_step_on_gpu(side, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fully_hinted_grouped_step_on_gpu(side):
+    """Every extent a multiple of 8 (DIMS8 = 7: vectorised, pipelined loads), none a multiple of the tiles:
+    the hinted masks must still stop exactly at each edge (LARGE's 250 x 1000 problem leaves one axis
+    unhinted, so this is the only GPU test of the full hint)."""
+    probs = [make_problem(side, m, n, r, s, cm, h, torch.bfloat16, torch.bfloat16, torch.Generator())[0]
+             for m, n, r, s, cm, h, _ in LARGE[:3]]
+    assert all(t.meta["DIMS8"] == 7 for t in grouped.build_projected_tables(probs, side).kernels.values())
+    probs, twins, start = run_projected(side, torch.bfloat16, torch.bfloat16, spec=LARGE[:3])
+    check(probs, twins, start, torch.bfloat16, [f"{side} {m}x{n} r={r}" for m, n, r, *_ in LARGE[:3]])
+
+
+@pytest.mark.gpu
 def test_one_launch_per_kernel_and_bucket_on_gpu(monkeypatch):
     assert_one_launch_per_kernel_and_bucket(monkeypatch, LARGE, torch.bfloat16)
 
