@@ -221,9 +221,9 @@ here claims a speedup). Tile configs are the launchers' fixed ones. The same tab
   not divisible by 16) and kernel (b) reads and writes W with 2-byte accesses (J = 5461; under 3.6.0: 255
   registers, 40 bytes of spill; rows "1B layout", tiles as for one such problem). Leads: split the K loop
   into full blocks without a K mask plus one masked tail (lifts the odd-K case for both kernel families; a
-  change to `_device.tile_matmul`), and give interior tiles bounds rounded down to the tile edge (known divisibility) so only edge tiles take 2-byte accesses.
-  A problem with an odd extent also removes the hint from the other problems of its launch; splitting a
-  bucket by DIMS8 would cost up to two more launches per bucket.
+  change to `_device.tile_matmul`), and give interior tiles bounds rounded down to the tile edge (known
+  divisibility) so only edge tiles take 2-byte accesses. A problem with an odd extent also removes the hint
+  from the other problems of its launch; splitting a bucket by DIMS8 would cost up to two more launches.
 - **project_adam / grouped_project_adam** (kernel (a)): at 128x128x64, 8 warps, 3 stages: per parameter
   235 (3.9) / 228 (3.6) registers, grouped 255 / 237, both 96 KB: **one CTA per SM**, limited by registers.
   The Adam epilogue (R, M, V, N tiles in fp32 live together) sets the peak; with one CTA per SM nothing
