@@ -132,6 +132,33 @@ def test_grouped_projected_step_with_step_keywords_and_strided_weight():
         assert torch.equal(full[:, 0], before[:, 0]) and torch.equal(full[:, n + 1:], before[:, n + 1:])
 
 
+# Every extent a multiple of 8 but the third problem's n: the launches promise the compiler (DIMS8) the
+# multiples of 8 on the other axes only.
+ALIGNED8 = [
+    (48, 40, 8, False, False, (0.9, 0.999, 1e-6), 0.1),
+    (24, 64, 16, True, True, (0.8, 0.99, 1e-5), 0.0),
+    (32, 37, 8, False, True, (0.9, 0.999, 1e-6), 0.05),
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_dims_hint_covers_only_the_axes_every_problem_aligns(side):
+    """DIMS8 tells the compiled kernels which of I, J, K are multiples of 8 (so their bounds masks keep the
+    loads vectorised and the K loop pipelined on a GPU); a wrong bit would let a vector load cross a bound,
+    so it is set only where every problem of the launch agrees. The hinted kernels match the reference."""
+    gen = torch.Generator().manual_seed(5)
+    probs = [make_problem(side, m, n, r, s, cm, h, torch.float32, torch.float32, gen)[0]
+             for m, n, r, s, cm, h, _ in ALIGNED8]
+    tables = grouped.build_projected_tables(probs, side)
+    # (a): (I, J, K) = (r, n, m) left, (m, r, n) right; (b): (m, n, r); bits 1, 2, 4 = I, J, K; n = 37 misses
+    assert tables.kernels["project_adam"].meta["DIMS8"] == (1 | 4 if side == "left" else 1 | 2)
+    assert tables.kernels["backproject_update"].meta["DIMS8"] == 1 | 4
+    assert grouped.build_projected_tables(probs[:2], side).kernels["project_adam"].meta["DIMS8"] == 7
+    for spec in (ALIGNED8[:2], ALIGNED8):  # every hint, then a partial one
+        probs, twins, start = run_projected(side, torch.float32, torch.float32, spec=spec, steps=2)
+        check(probs, twins, start, torch.float32, [f"{side} {m}x{n} r={r}" for m, n, r, *_ in spec])
+
+
 ADAMW_SHAPES = [(1030,), (37, 29), (5,), (13, 7)]  # 1030: two 1024-element blocks, the second ragged
 
 
@@ -327,6 +354,19 @@ def test_grouped_projected_step_on_gpu(side, dtype):
     # and the summation order decides N (see test_kernels.test_llama_shapes_on_gpu).
     probs, twins, start = run_projected(side, dtype, dtype, spec=LARGE)
     check(probs, twins, start, dtype, [f"{side} {m}x{n} r={r}" for m, n, r, *_ in LARGE])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fully_hinted_grouped_step_on_gpu(side):
+    """Every extent a multiple of 8 (DIMS8 = 7: vectorised, pipelined loads), none a multiple of the tiles:
+    the hinted masks must still stop exactly at each edge (LARGE's 250 x 1000 problem leaves one axis
+    unhinted, so this is the only GPU test of the full hint)."""
+    probs = [make_problem(side, m, n, r, s, cm, h, torch.bfloat16, torch.bfloat16, torch.Generator())[0]
+             for m, n, r, s, cm, h, _ in LARGE[:3]]
+    assert all(t.meta["DIMS8"] == 7 for t in grouped.build_projected_tables(probs, side).kernels.values())
+    probs, twins, start = run_projected(side, torch.bfloat16, torch.bfloat16, spec=LARGE[:3])
+    check(probs, twins, start, torch.bfloat16, [f"{side} {m}x{n} r={r}" for m, n, r, *_ in LARGE[:3]])
 
 
 @pytest.mark.gpu

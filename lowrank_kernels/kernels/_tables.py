@@ -71,6 +71,13 @@ def launch_layouts(operands: dict) -> dict:
     return meta
 
 
+def dims_multiple_of_8(dims: list) -> int:
+    """The launch's DIMS8 from every problem's (I, J, K): bit 1, 2, 4 set where that dimension is a multiple
+    of 8 in all of them. The kernels' bounds masks then stay vectorisable, which their K loops need to be
+    pipelined (_grouped_device.row_dims); a problem with an odd dimension costs the launch only that hint."""
+    return sum(bit for axis, bit in enumerate((1, 2, 4)) if all(d[axis] % 8 == 0 for d in dims))
+
+
 def hyper_rows(values: list) -> torch.Tensor:
     """(P, 5) fp32 rows [beta1, 1 - beta1, beta2, 1 - beta2, eps] from (beta1, beta2, eps) triples. 1 - beta
     is computed in double and rounded once, as the per-parameter launchers pass it."""

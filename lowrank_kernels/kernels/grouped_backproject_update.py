@@ -16,8 +16,8 @@ import triton.language as tl
 
 from . import _launch
 from ._device import tile_matmul, update_tile_epilogue
-from ._grouped_device import problem_row, row_pointer, row_strides
-from ._tables import TL_DTYPE, KernelTable, Operand, launch_layouts
+from ._grouped_device import problem_row, row_dims, row_pointer, row_strides
+from ._tables import TL_DTYPE, KernelTable, Operand, dims_multiple_of_8, launch_layouts
 
 # Row layout (int64): W, A, B addresses; I, J, K (m, n, r); strides (wi, wj), (ai, ak), (bk, bj); the
 # problem's index (into the per-problem fp32 tables) and its first tile.
@@ -33,6 +33,7 @@ def _grouped_backproject_update_kernel(
     table_ptr, tile_problem_ptr, scalars_ptr,
     DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
     W_LAYOUT: tl.constexpr, A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    DIMS8: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
@@ -40,9 +41,7 @@ def _grouped_backproject_update_kernel(
     w_ptr = row_pointer(row, _W, W_DTYPE, ALIGNED)
     a_ptr = row_pointer(row, _A, DTYPE, ALIGNED)
     b_ptr = row_pointer(row, _B, DTYPE, ALIGNED)
-    I = tl.load(row + _I).to(tl.int32)  # dims fit 32 bits; an int64 loop bound defeats pipelining
-    J = tl.load(row + _J).to(tl.int32)
-    K = tl.load(row + _K).to(tl.int32)
+    I, J, K = row_dims(row, _I, DIMS8)
     stride_wi, stride_wj = row_strides(row, _S_W, W_LAYOUT, ALIGNED)
     stride_ai, stride_ak = row_strides(row, _S_A, A_LAYOUT, ALIGNED)
     stride_bk, stride_bj = row_strides(row, _S_B, B_LAYOUT, ALIGNED)
@@ -85,7 +84,8 @@ def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, w
     tiles = [triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) for I, J, _ in dims]
     rows = [[ops[k].ptr for k in "WAB"] + list(d) + [s for k in "WAB" for s in ops[k].strides] + [0, 0]
             for ops, d in described]
-    meta = dict(DTYPE=TL_DTYPE[dtype], W_DTYPE=TL_DTYPE[w_dtype], PRECISION=_launch.dot_precision(dtype), **cfg,
+    meta = dict(DTYPE=TL_DTYPE[dtype], W_DTYPE=TL_DTYPE[w_dtype], PRECISION=_launch.dot_precision(dtype),
+                DIMS8=dims_multiple_of_8(dims), **cfg,
                 **launch_layouts({k: [ops[k] for ops, _ in described] for k in "WAB"}))
     return KernelTable.build(rows, tiles, [K for _, _, K in dims], device, meta)
 

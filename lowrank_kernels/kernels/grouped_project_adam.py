@@ -15,8 +15,8 @@ import triton.language as tl
 
 from . import _launch
 from ._device import adam_tile_epilogue, tile_matmul
-from ._grouped_device import problem_row, row_pointer, row_strides
-from ._tables import TL_DTYPE, KernelTable, Operand, launch_layouts
+from ._grouped_device import problem_row, row_dims, row_pointer, row_strides
+from ._tables import TL_DTYPE, KernelTable, Operand, dims_multiple_of_8, launch_layouts
 
 # Row layout (int64): A, B, M, V, N addresses; I, J, K; strides (ai, ak), (bk, bj), (mi, mj), (vi, vj),
 # (ni, nj); the problem's index (into the per-problem fp32 tables) and its first tile. constexprs, so the
@@ -33,7 +33,7 @@ def _grouped_project_adam_kernel(
     table_ptr, tile_problem_ptr, hyper_ptr,
     DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
     A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, M_LAYOUT: tl.constexpr, V_LAYOUT: tl.constexpr,
-    N_LAYOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    N_LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, DIMS8: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
@@ -43,9 +43,7 @@ def _grouped_project_adam_kernel(
     m_ptr = row_pointer(row, _M, M_DTYPE, ALIGNED)
     v_ptr = row_pointer(row, _V, V_DTYPE, ALIGNED)
     n_ptr = row_pointer(row, _N, DTYPE, ALIGNED)
-    I = tl.load(row + _I).to(tl.int32)  # dims fit 32 bits; an int64 loop bound defeats pipelining
-    J = tl.load(row + _J).to(tl.int32)
-    K = tl.load(row + _K).to(tl.int32)
+    I, J, K = row_dims(row, _I, DIMS8)
     stride_ai, stride_ak = row_strides(row, _S_A, A_LAYOUT, ALIGNED)
     stride_bk, stride_bj = row_strides(row, _S_B, B_LAYOUT, ALIGNED)
     stride_mi, stride_mj = row_strides(row, _S_M, M_LAYOUT, ALIGNED)
@@ -96,7 +94,7 @@ def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, m
     cfg = _launch.gemm_config(*big, dtype, device, [(I, J) for I, J, _ in dims], sms)
     tiles = [triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) for I, J, _ in dims]
     meta = dict(DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[m_dtype], V_DTYPE=TL_DTYPE[v_dtype],
-                PRECISION=_launch.dot_precision(dtype), **cfg,
+                PRECISION=_launch.dot_precision(dtype), DIMS8=dims_multiple_of_8(dims), **cfg,
                 **launch_layouts({k: [ops[k] for ops, _ in described] for k in "ABMVN"}))
     return KernelTable.build([_row(ops, d) for ops, d in described], tiles, [K for _, _, K in dims], device, meta)
 
