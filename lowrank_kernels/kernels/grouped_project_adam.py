@@ -106,7 +106,8 @@ def _grouped_project_adam_kernel(
             tl.store(base, tl.sum(n2, axis=RANK_AXIS), mask=mask_c)
             tl.store(base + T.to(tl.int64) * channels, tl.sum(r2, axis=RANK_AXIS), mask=mask_c)
         if GNORM:  # every rank tile summed the same channels: the first one stores
-            tl.store(work + 2 * T.to(tl.int64) * channels + offs_c, g_squares, mask=mask_c & (rank_tile == 0))
+            tl.store(work + 2 * T.to(tl.int64) * channels + offs_c, g_squares,
+                     mask=mask_c & ((offs_c * 0 + rank_tile) == 0))  # (a vector mask: the interpreter's need)
 
 
 def gemm_dims(side: str, m: int, n: int, r: int) -> tuple:
