@@ -123,9 +123,9 @@ def test_grouped_projected_step_with_step_keywords_and_strided_weight():
     start = [t["param"].clone() for t in twins]
     tables = grouped.build_projected_tables(probs, "right")
     assert tables.kernels["backproject_update"].meta["W_LAYOUT"] == 1
-    scalars = torch.tensor([[0.05, 0.5, 0.01], [0.02, 0.5, 0.0]], device=DEVICE)
+    scalars = torch.tensor([[0.05, 0.5, 0.01, 0.0], [0.02, 0.5, 0.0, 0.0]], device=DEVICE)
     grouped.grouped_projected_step(tables, scalars, beta1=0.9, beta2=0.999, eps=1e-6)
-    for twin, (size, scale, decay) in zip(twins, scalars.tolist()):
+    for twin, (size, scale, decay, _) in zip(twins, scalars.tolist()):
         reference_step("right", twin, twin["grad"], size, scale, decay / 0.1, 0.1 if decay else 0.0)
     check(probs, twins, start, torch.float32, ["29x45", "50x33"])
     for (full, before), n in zip(around, (45, 33)):  # the columns around each view are untouched
@@ -160,7 +160,7 @@ def test_multi_tensor_adamw_matches_reference(dtype):
             grads.append(torch.empty_like(p["param"]).copy_(values))  # in the parameter's layout
         lr = LR[dtype] / t
         sizes = [reference.adam_step_size(lr, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, 1.0, lr * wd] for s, wd in zip(sizes, wds)]))
+        scalars.copy_(torch.tensor([[s, 1.0, lr * wd, 0.0] for s, wd in zip(sizes, wds)]))
         grouped.grouped_adamw_step(tables, scalars, grads=grads)
         for twin, g, size, wd in zip(twins, grads, sizes, wds):
             reference.galore_step(twin["param"], g, None, None, twin["exp_avg"], twin["exp_avg_sq"],
@@ -358,7 +358,7 @@ def test_grouped_step_replays_in_a_cuda_graph():
     start = [p["param"].clone() for p in probs]
     for t in (2, 3):
         sizes = [reference.adam_step_size(1e-2 / t, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, 0.25, 1e-2 / t * wd] for s, (*_, wd) in zip(sizes, LARGE)]))
+        scalars.copy_(torch.tensor([[s, 0.25, 1e-2 / t * wd, 0.0] for s, (*_, wd) in zip(sizes, LARGE)]))
         graph.replay()
         for twin, size, (*_, wd) in zip(twins, sizes, LARGE):
             reference_step("left", twin, twin["grad"], size, 0.25, 1e-2 / t, wd)

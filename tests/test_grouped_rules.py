@@ -322,18 +322,17 @@ def llama(layers, rule):
     return model, opt
 
 
-@pytest.mark.parametrize("rule", ["fira", "apollo"])
-def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch, rule):
+def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch):
     counts = {}
-    for layers in (1, 3):
-        model, opt = llama(layers, rule)
+    for layers in (1, 2):
+        model, opt = llama(layers, "fira")
         builds = opt._engine().table_builds
         counter = LaunchCounter(monkeypatch)
         opt.step()
         monkeypatch.undo()
         counts[layers] = counter.counts
         assert opt._engine().table_builds == builds  # cached across the ordinary step
-    assert counts[1] == counts[3], counts
+    assert counts[1] == counts[2], counts
     # one launch of each of the three kernels per projected bucket (orientation x tile config), a handful
     launches = {counts[1][k] for k in RULE_KERNELS}
     assert len(launches) == 1 and launches.pop() <= 4, counts[1]
