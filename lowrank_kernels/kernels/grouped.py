@@ -26,6 +26,20 @@ with the new values). Per-problem beta1, beta2, eps live in a (num_problems, 5) 
 from the step's beta1/beta2/eps keywords (one table per distinct triple, built on first use: warm up before
 capturing a graph).
 
+Update rules (``build_projected_tables(..., rule=)``, one per bucket; lowrank_kernels.update_rules):
+    "galore"       kernel (a), kernel (b): three passes over m x n (read G; read W, write W)
+    "fira"         kernel (a) also writes R and the norm partials (sums of squares of N and R along the
+                   rank axis per tile, of G's channels from the GEMM's own loads); kernel (s)
+                   (grouped_rule_scales.py, one small program per problem) turns them into the channel
+                   factors ratio / limiter and the new limiter norm, ||S|| in closed form; kernel (b)
+                   back-projects N and R together and adds f (G - s P R): four passes (G read twice)
+    "frugal"       kernel (a) also writes R; kernel (b) applies residual_lr * sign(G - P R) first, then
+                   the GaLore update (scalars column 3): four passes
+    "apollo"(-mini) kernel (a) writes the norm partials; kernel (s); kernel (b) without a GEMM: W -= step
+                   * f * G (channel or tensor factor, sqrt(scale) folded in): four passes
+No fifth pass: the norms come from small partials. Limiting rules carry each problem's ``limiter_norm``
+(its state tensor, written by kernel (s)) and whether it holds a previous norm (``set_has_previous``).
+
 "full" projection (P and Q) is not grouped: the caller steps it with kernels.galore_step, whose small
 matmuls (P^T G, P N) come between the two kernels; it is rare (galore's default is "std").
 

@@ -5,8 +5,17 @@ Each tile is kernel (b)'s (backproject_update.py), from the same device helpers:
 
     w <- w - (step_size * scale) * u;   then w <- w + w * (-lr * wd)   (skipped where lr * wd == 0)
 
-The operands come from the problem's int64 table row; step_size, scale and lr * wd from the caller's
-(P, 3) fp32 device tensor, read at run time, so a CUDA graph replays with each step's values.
+The operands come from the problem's int64 table row; step_size, scale, lr * wd (and FRUGAL's residual_lr)
+from the caller's (P, 4) fp32 device tensor, read at run time, so a CUDA graph replays with each step's values.
+
+The other update rules (constexpr RULE; reference.fira_step / frugal_step / apollo_step's order), with f the
+channel factors kernel (s) wrote (grouped_rule_scales.py):
+
+    fira:    U = s P N + f (G - s P R)   (two accumulators sharing the basis' loads); w <- w - step_size U
+    frugal:  w <- w - residual_lr sign(G - P R), rounded to W's dtype; then w <- w - step_size s P N
+    apollo:  U = f G (no GEMM);  w <- w - step_size U
+
+each followed by the decay, as galore's. They read G (the fourth pass over m x n).
 """
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ operands come from the problem's row of an int64 table (addresses, sizes, stride
 from a per-problem fp32 table, so problems of any shapes, ranks and hyperparameters share the launch.
 The kernel itself does not care about orientation; a table holds one orientation because the tile shape
 is chosen for the bucket (the rank on the I axis for left, on J for right).
+
+Options for the update rules (constexprs, all off = the GaLore step): ADAM=False projects only (R to the N
+buffer); STORE_R also writes R; NORMS and GNORM write fp32 norm partials (build's docstring), for which
+RANK_AXIS says which tile axis is the rank one.
 """
 from __future__ import annotations
 
