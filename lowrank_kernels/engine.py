@@ -21,6 +21,13 @@
    multi-tensor kernel cannot walk flat run the per-parameter kernels (:func:`_run_single`), with host
    scalars: a step that needs them refuses CUDA graph capture.
 
+   The update rules other than "galore" (fira, frugal, apollo, apollo-mini) run in the same grouped
+   launches where update_rules.grouped_supported allows (left/right projections, float moments, svd/
+   rsvd/warm bases), one rule per bucket (the rule is part of the bucket key; fira and apollo add one
+   small launch, kernels/grouped_rule_scales.py); elsewhere, and on backend "torch" (whose bucketed path
+   is GaLore's), they take the per-parameter reference. A limiting rule's ``limiter_norm`` state tensor
+   is created (zero, flagged "no previous norm") before its first grouped step and written by the kernel.
+
    A triton bucket also holds one tile config (``grouped.tile_configs``): a problem then rounds the same
    in every launch it is part of, so layer-wise steps (one parameter at a time) stay bit-identical to
    whole-model steps.
@@ -317,9 +324,12 @@ class StepEngine:
                 if rule is not None:  # one update rule (a launch constexpr) per bucket
                     key += (rule,)
                     if rule[2]:  # a limiting rule: its norm lives in the state (absent before the first step)
-                        pr.has_previous = "limiter_norm" in state
-                        if not pr.has_previous:
-                            state["limiter_norm"] = torch.zeros((), dtype=pr.grad.dtype, device=pr.grad.device)
+                        norm = state.get("limiter_norm")
+                        pr.has_previous = norm is not None
+                        if norm is None or norm.dtype != pr.grad.dtype or norm.device != pr.grad.device:
+                            # the kernel keeps it in the gradient's dtype (a checkpoint may have cast it)
+                            state["limiter_norm"] = (torch.zeros((), dtype=pr.grad.dtype, device=pr.grad.device)
+                                                     if norm is None else norm.to(pr.grad))
             elif pr.route is not None:
                 key += (pr.route,)
             bucket = buckets.get(key)

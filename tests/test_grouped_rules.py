@@ -229,8 +229,10 @@ def model_params(seed=0):
 def model_groups(ps):
     common = dict(update_proj_gap=E2E_GAP, scale=0.5)
     return [
-        {"params": [ps["fira_wide"], ps["fira_tall"]], "rank": 6, "update": "fira", **common},
-        {"params": [ps["frugal"]], "rank": 5, "update": "frugal", "inactive_lr_scale": 0.5, **common},
+        {"params": [ps["fira_wide"], ps["fira_tall"]], "rank": 6, "update": "fira", "moments_on_refresh": "rotate",
+         **common},
+        {"params": [ps["frugal"]], "rank": 8, "update": "frugal", "inactive_lr_scale": 0.5, "rank_policy": "energy",
+         "energy_threshold": 0.6, "projector": "warm", **common},
         {"params": [ps["frugal_full"]], "rank": 4, "update": "frugal", "proj_type": "full", **common},  # reference
         {"params": [ps["apollo"]], "rank": 7, "update": "apollo", "projector": "rsvd", **common},
         {"params": [ps["mini"]], "rank": 1, "update": "apollo-mini", "scale_front": True, **common},
@@ -288,6 +290,7 @@ def test_optimizer_triton_matches_torch(monkeypatch):
                 torch.testing.assert_close(s[key], s_ref[key], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name} {key}: {m}")
     limited = [name for name in ("fira_wide", "fira_tall", "apollo", "mini") if "limiter_norm" in opt.state[ps[name]]]
     assert len(limited) == 4
+    assert opt.state[ps["frugal"]]["rank"] < 8  # the energy policy chose a rank (tables rebuilt)
 
 
 def test_resume_with_rules_is_bit_exact():
@@ -336,3 +339,18 @@ def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch):
     # one launch of each of the three kernels per projected bucket (orientation x tile config), a handful
     launches = {counts[1][k] for k in RULE_KERNELS}
     assert len(launches) == 1 and launches.pop() <= 4, counts[1]
+
+
+def test_layerwise_step_param_is_bit_identical_with_rules():
+    """step_param one parameter at a time (backward order) equals the whole-model step, rules included."""
+    ps_a, whole = make_opt("triton")
+    ps_b, single = make_opt("triton")
+    for step in range(E2E_GAP + 1):  # refreshes before steps 0 and E2E_GAP
+        grads = grads_at(ps_a, step)
+        te.set_grads(ps_a, grads)
+        whole.step()
+        te.set_grads(ps_b, grads)
+        for p in reversed(list(ps_b.values())):
+            single.step_param(p)
+            p.grad = None
+    te.assert_states_equal(whole, ps_a, single, ps_b)
