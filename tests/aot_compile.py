@@ -6,6 +6,7 @@ builds: tl.dot on tensor cores for every operand dtype, input_precision, the mas
 tile configs the launchers pick. Run without TRITON_INTERPRET (it would make triton.jit interpret).
 
     python tests/aot_compile.py        # prints one line per compiled kernel; exits 1 on any failure
+    python tests/aot_compile.py rule   # only the cases whose label contains "rule"
 """
 import os
 import sys
@@ -24,6 +25,7 @@ from lowrank_kernels.kernels.backproject_update import _backproject_update_kerne
 from lowrank_kernels.kernels.grouped_backproject_update import _grouped_backproject_update_kernel  # noqa: E402
 from lowrank_kernels.kernels.grouped_int8_adam import BLOCKS_PER_PROGRAM, _grouped_int8_adam_kernel  # noqa: E402
 from lowrank_kernels.kernels.grouped_project_adam import _grouped_project_adam_kernel  # noqa: E402
+from lowrank_kernels.kernels.grouped_rule_scales import BLOCK_C, GAMMA, _grouped_rule_scales_kernel  # noqa: E402
 from lowrank_kernels.kernels.multi_tensor_adamw import BLOCK as MT_BLOCK  # noqa: E402
 from lowrank_kernels.kernels.multi_tensor_adamw import _multi_tensor_adamw_kernel  # noqa: E402
 from lowrank_kernels.kernels._tables import TL_DTYPE  # noqa: E402
@@ -39,6 +41,8 @@ M, N, R = 4096, 11008, 512  # a LLaMA-7B MLP weight at rank 512: the launchers' 
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    # constexprs with defaults (the update rules' flags) compile at their defaults unless a case sets them
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -134,6 +138,7 @@ def grouped_cases():
     for projected in (True, False):
         k, p, cx, w, s = int8_adam_case(projected, bf16)
         yield f"grouped_int8_adam {'projected' if projected else 'unprojected'} bf16", k, p, cx, 90, w, s
+    yield from rule_cases()
 
 
 def must_pipeline(label: str, cx: dict) -> bool:
@@ -149,9 +154,42 @@ def pipelined(compiled) -> bool:
     return "cp.async.commit_group" in compiled.asm["ptx"]
 
 
-def main() -> int:
+def rule_cases():
+    """The update rules' variants (kernels/grouped.py rule=...): kernel (a)'s flags, kernel (s), kernel (b)'s
+    RULE constexpr, at LLaMA shapes in bf16 (and one fp32)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    flags = {"fira": dict(STORE_R=True, NORMS=True, GNORM=True), "frugal": dict(STORE_R=True),
+             "apollo": dict(NORMS=True, GNORM=True), "project-only": dict(ADAM=False)}
+    for arch, side, rule, dtype in ((90, "left", "fira", bf16), (90, "right", "fira", bf16),
+                                    (90, "right", "apollo", bf16), (90, "left", "frugal", bf16),
+                                    (90, "left", "project-only", bf16), (80, "left", "fira", bf16),
+                                    (90, "right", "fira", fp32)):
+        k, p, cx, w, s = grouped_project_case(side, dtype, dtype)
+        cx.update(flags[rule], RANK_AXIS=0 if side == "left" else 1)
+        yield f"rule grouped_project_adam {side} {rule} {dtype}", k, p, cx, arch, w, s
+    for arch, rule, tensorwise, limit, front, dtype in ((90, 1, False, True, False, bf16),
+                                                         (90, 2, False, True, True, bf16),
+                                                         (90, 2, True, False, False, bf16),
+                                                         (80, 1, False, True, False, bf16),
+                                                         (90, 1, False, True, False, fp32)):
+        cx = dict(DTYPE=TL_DTYPE[dtype], RULE=rule, TENSORWISE=tensorwise, LIMIT=limit, SCALE_FRONT=front,
+                  GAMMA_=GAMMA, BLOCK=BLOCK_C, INTERPRETER=False)
+        yield (f"rule grouped_rule_scales rule={rule} tensorwise={tensorwise} limit={limit} {dtype}",
+               _grouped_rule_scales_kernel, TABLES, cx, arch, 4, 1)
+    for arch, side, rule, dtype in ((90, "left", 1, bf16), (90, "right", 1, bf16), (90, "left", 2, bf16),
+                                    (90, "right", 2, bf16), (90, "left", 3, bf16), (90, "right", 3, bf16),
+                                    (80, "right", 1, bf16), (90, "left", 1, fp32)):
+        k, p, cx, w, s = grouped_update_case(side, dtype, dtype)
+        cx.update(RULE=rule, G_LAYOUT=1, SECOND=2 if side == "left" else 1, CHANNEL_AXIS=1 if side == "left" else 0,
+                  TENSORWISE=False)
+        yield f"rule grouped_backproject_update {side} rule={rule} {dtype}", k, p, cx, arch, w, s
+
+
+def main(only: str = "") -> int:
     failures = total = 0
     for label, kernel, ptrs, cx, arch, warps, stages in cases():
+        if only not in label:
+            continue
         start = time.perf_counter()
         total += 1
         try:
@@ -167,4 +205,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ""))

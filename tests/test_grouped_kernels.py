@@ -72,7 +72,7 @@ def run_projected(side, dtype, moment_dtype, spec=SMALL, steps=STEPS, seed=0):
     probs, twins = [p for p, _ in pairs], [t for _, t in pairs]
     start = [p["param"].clone() for p in probs]
     tables = grouped.build_projected_tables(probs, side)
-    scalars = torch.zeros(len(spec), 3, device=DEVICE)
+    scalars = torch.zeros(len(spec), 4, device=DEVICE)
     scale, lr = 0.25, LR[dtype]
     for t in range(1, steps + 1):
         if t > 1:  # fresh gradient tensors, as zero_grad(set_to_none=True) gives
@@ -81,7 +81,7 @@ def run_projected(side, dtype, moment_dtype, spec=SMALL, steps=STEPS, seed=0):
             grads = [p["grad"] for p in probs]
         lr_t = lr / t  # a schedule: the step size changes every step
         sizes = [reference.adam_step_size(lr_t, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, scale, lr_t * wd] for s, (*_, wd) in zip(sizes, spec)]))
+        scalars.copy_(torch.tensor([[s, scale, lr_t * wd, 0.0] for s, (*_, wd) in zip(sizes, spec)]))
         grouped.grouped_projected_step(tables, scalars, grads=grads)
         for twin, g, size, (*_, wd) in zip(twins, grads, sizes, spec):
             reference_step(side, twin, g, size, scale, lr_t, wd)
@@ -123,9 +123,9 @@ def test_grouped_projected_step_with_step_keywords_and_strided_weight():
     start = [t["param"].clone() for t in twins]
     tables = grouped.build_projected_tables(probs, "right")
     assert tables.kernels["backproject_update"].meta["W_LAYOUT"] == 1
-    scalars = torch.tensor([[0.05, 0.5, 0.01], [0.02, 0.5, 0.0]], device=DEVICE)
+    scalars = torch.tensor([[0.05, 0.5, 0.01, 0.0], [0.02, 0.5, 0.0, 0.0]], device=DEVICE)
     grouped.grouped_projected_step(tables, scalars, beta1=0.9, beta2=0.999, eps=1e-6)
-    for twin, (size, scale, decay) in zip(twins, scalars.tolist()):
+    for twin, (size, scale, decay, _) in zip(twins, scalars.tolist()):
         reference_step("right", twin, twin["grad"], size, scale, decay / 0.1, 0.1 if decay else 0.0)
     check(probs, twins, start, torch.float32, ["29x45", "50x33"])
     for (full, before), n in zip(around, (45, 33)):  # the columns around each view are untouched
@@ -177,7 +177,7 @@ def test_multi_tensor_adamw_matches_reference(dtype):
         twins.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in prob.items()})
     start = [p["param"].clone() for p in probs]
     tables = grouped.build_adamw_tables(probs)
-    scalars = torch.zeros(len(probs), 3, device=DEVICE)
+    scalars = torch.zeros(len(probs), 4, device=DEVICE)
     for t in range(1, STEPS + 1):
         grads = []
         for p in probs:
@@ -187,7 +187,7 @@ def test_multi_tensor_adamw_matches_reference(dtype):
             grads.append(torch.empty_like(p["param"]).copy_(values))  # in the parameter's layout
         lr = LR[dtype] / t
         sizes = [reference.adam_step_size(lr, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, 1.0, lr * wd] for s, wd in zip(sizes, wds)]))
+        scalars.copy_(torch.tensor([[s, 1.0, lr * wd, 0.0] for s, wd in zip(sizes, wds)]))
         grouped.grouped_adamw_step(tables, scalars, grads=grads)
         for twin, g, size, wd in zip(twins, grads, sizes, wds):
             reference.galore_step(twin["param"], g, None, None, twin["exp_avg"], twin["exp_avg_sq"],
@@ -234,7 +234,7 @@ def buckets(spec, dtype, gen):
 
 def step_all(tables):
     for t in tables:
-        scalars = torch.full((t.num_problems, 3), 0.01, device=DEVICE)
+        scalars = torch.full((t.num_problems, 4), 0.01, device=DEVICE)
         step = grouped.grouped_projected_step if t.kind == "projected" else grouped.grouped_adamw_step
         step(t, scalars)
 
@@ -278,7 +278,7 @@ def test_launch_path_never_synchronises():
 
     gen = torch.Generator().manual_seed(5)
     tables = buckets(SMALL[:2], torch.float32, gen)
-    scalars = [torch.full((t.num_problems, 3), 0.01, device=DEVICE) for t in tables]
+    scalars = [torch.full((t.num_problems, 4), 0.01, device=DEVICE) for t in tables]
     grads = [[p["grad"].clone() for p in t.problems] for t in tables]  # moved gradients: tables refreshed
     with Watch() as watch:
         for t, s, g in zip(tables, scalars, grads):
@@ -319,22 +319,22 @@ def test_grouped_errors_are_raised_before_anything_changes():
     with pytest.raises(ValueError, match="for every problem or for none"):
         grouped.build_projected_tables([probs[0], {k: v for k, v in probs[1].items() if k != "eps"}], "left")
     tables = grouped.build_projected_tables(probs, "left")
-    with pytest.raises(ValueError, match=r"scalars must be a contiguous float32 tensor of shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"scalars must be a contiguous float32 tensor of shape \(2, 4\)"):
         grouped.grouped_projected_step(tables, torch.zeros(2, 2, device=DEVICE))
     with pytest.raises(ValueError, match="do not pass them"):
-        grouped.grouped_projected_step(tables, torch.zeros(2, 3, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
+        grouped.grouped_projected_step(tables, torch.zeros(2, 4, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
     with pytest.raises(ValueError, match="new gradient"):
-        grouped.grouped_projected_step(tables, torch.zeros(2, 3, device=DEVICE),
+        grouped.grouped_projected_step(tables, torch.zeros(2, 4, device=DEVICE),
                                        grads=[probs[0]["grad"], probs[0]["grad"]])
     with pytest.raises(TypeError, match="build_adamw_tables"):
-        grouped.grouped_adamw_step(tables, torch.zeros(2, 3, device=DEVICE))
+        grouped.grouped_adamw_step(tables, torch.zeros(2, 4, device=DEVICE))
     W = torch.zeros(6, 4, device=DEVICE)
     with pytest.raises(ValueError, match="one dense layout"):
         grouped.build_adamw_tables([dict(param=W, grad=W.T.contiguous().T, exp_avg=W.clone(), exp_avg_sq=W.clone())])
     for p, b in zip(probs, before):
         assert all(torch.equal(p[k], v) for k, v in b.items())
     empty = grouped.build_projected_tables([], "left")
-    grouped.grouped_projected_step(empty, torch.zeros(0, 3, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
+    grouped.grouped_projected_step(empty, torch.zeros(0, 4, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
 
 
 # ---- GPU: larger shapes, launch count, CUDA graph --------------------------------------------------------
@@ -383,7 +383,7 @@ def test_grouped_step_replays_in_a_cuda_graph():
              in LARGE]
     probs, twins = [p for p, _ in pairs], [t for _, t in pairs]
     tables = grouped.build_projected_tables(probs, "left")
-    scalars = torch.zeros(len(probs), 3, device=DEVICE)
+    scalars = torch.zeros(len(probs), 4, device=DEVICE)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up compiles outside the capture; zero step sizes change no W
@@ -398,7 +398,7 @@ def test_grouped_step_replays_in_a_cuda_graph():
     start = [p["param"].clone() for p in probs]
     for t in (2, 3):
         sizes = [reference.adam_step_size(1e-2 / t, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, 0.25, 1e-2 / t * wd] for s, (*_, wd) in zip(sizes, LARGE)]))
+        scalars.copy_(torch.tensor([[s, 0.25, 1e-2 / t * wd, 0.0] for s, (*_, wd) in zip(sizes, LARGE)]))
         graph.replay()
         for twin, size, (*_, wd) in zip(twins, sizes, LARGE):
             reference_step("left", twin, twin["grad"], size, 0.25, 1e-2 / t, wd)

@@ -24,7 +24,8 @@ from . import _launch
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 HYPER_COLUMNS = 5  # beta1, 1 - beta1, beta2, 1 - beta2, eps (fp32, by problem index)
-SCALAR_COLUMNS = 3  # step_size, scale, lr * weight_decay (fp32, by problem index)
+SCALAR_COLUMNS = 4  # step_size, scale, lr * weight_decay, residual_lr (fp32, by problem index)
+SCALAR_STRIDE = tl.constexpr(SCALAR_COLUMNS)  # the kernels' row stride in that table
 
 
 def tensor_signature(t: torch.Tensor) -> tuple:
