@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import projection, reference, update_rules
+from . import projection, quant, reference, update_rules
 from .backends import step_function
 from .distributed import fsdp
 from .linalg import rsvd
@@ -72,7 +72,8 @@ __all__ = ["StepEngine", "SCALAR_COLUMNS", "rsvd_batched"]
 # live in the grouped tables' own per-problem table.
 SCALAR_COLUMNS = ("step_size", "scale", "lr_weight_decay", "residual_lr")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STABLE_KEYS = BASIS_KEYS + MOMENT_KEYS
+_STABLE_KEYS = BASIS_KEYS + MOMENT_KEYS + quant.QUANT_KEYS
+GROUPED_ROUTES = ("grouped", "adamw", "int8")  # routes whose launches read the device scalar table
 _MAX_DEVICE_ENTRIES = 4096  # step compositions cached (whole model, plus one per layer-wise parameter)
 
 
@@ -248,7 +249,7 @@ class StepEngine:
         problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]
         runners, kept = {}, []
         for pr, item in zip(problems, work):  # choose (and check) every bucket's backend before anything changes
-            if pr.group.get("update", "galore") != "galore":
+            if pr.group.get("update", "galore") != "galore" or pr.key[3] == torch.uint8:
                 pr.route = _rule_route(opt.backend, pr)
                 if pr.route is None:
                     own.append(item)
@@ -313,8 +314,11 @@ class StepEngine:
             if "exp_avg" not in state:
                 g = pr.grad
                 shape = (projection.lowrank_shape(pr.side, *g.shape, state["rank"]) if pr.side else g.shape)
-                for key in MOMENT_KEYS:
-                    state[key] = torch.zeros(shape, dtype=pr.key[3], device=g.device)
+                if pr.key[3] == torch.uint8:
+                    state.update(quant.zeros(shape, g.device))
+                else:
+                    for key in MOMENT_KEYS:
+                        state[key] = torch.zeros(shape, dtype=pr.key[3], device=g.device)
             state["step"] += 1
             pr.moment_step = state["step"] - state.get("moment_start", 0)
             if pr.side is not None:
@@ -344,7 +348,7 @@ class StepEngine:
         runs, grouped_last = [], []
         for key, bucket in buckets.items():
             route = key[4] if len(key) > 4 else None
-            if route in ("grouped", "adamw"):
+            if route in GROUPED_ROUTES:
                 cached = self._grouped_bucket(key, bucket)
                 cached.prepare(bucket)
                 entry, start = device_slices[key]
@@ -398,7 +402,7 @@ class StepEngine:
         for key in buckets:
             route = key[4] if len(key) > 4 else None
             device = key[0]
-            if route in ("grouped", "adamw") or (
+            if route in GROUPED_ROUTES or (
                     route is None and (forced or (forced is None and device.type == "cuda"))):
                 per_device[device].append(key)
         slices, entries = {}, []
@@ -598,17 +602,23 @@ def _rule_spec(group: dict) -> Optional[tuple]:
 
 
 def _rule_route(backend: str, pr: _Problem) -> Optional[str]:
-    """"grouped" if the grouped kernels run this non-galore parameter's rule (update_rules.grouped_supported,
-    on a triton bucket, stepped in place); None: the reference per parameter, as before (never raises:
-    the reference runs these rules on every backend)."""
-    if (pr.weight.dtype not in KERNEL_DTYPES or pr.write_back is not None
+    """How backend "triton" steps a parameter with a rule other than galore, or int8 moments: "grouped" if
+    the grouped kernels run it (update_rules.grouped_supported, stepped in place), "int8" for an unprojected
+    dense tensor with int8 moments (the grouped int8 kernel); None: the reference per parameter, as before
+    (never raises: the reference runs these on every backend)."""
+    int8 = pr.key[3] == torch.uint8
+    if (pr.weight.dtype not in KERNEL_DTYPES or pr.write_back is not None or (int8 and pr.side == "full")
             or not update_rules.grouped_supported(pr.group, pr.side, tuple(pr.grad.shape))):
         return None
     try:
         runner = _runner(backend, pr.weight)
     except (RuntimeError, TypeError):
         return None
-    return "grouped" if runner == "triton" else None
+    if runner != "triton":
+        return None
+    if int8 and pr.side is None:  # the int8 kernel walks param, grad and moments flat
+        return "int8" if pr.weight.is_contiguous() and pr.grad.is_contiguous() else None
+    return "grouped"
 
 
 class _GroupedBucket:
@@ -619,13 +629,18 @@ class _GroupedBucket:
     def __init__(self, side: Optional[str], bucket: list, rule: Optional[tuple] = None):
         grouped = _grouped()
         self.side, self.rule = side, rule
+        self.int8 = bool(bucket) and bucket[0].key[3] == torch.uint8  # moments as int8 codes (quant.py)
         self.N = None if side is None else [
             torch.empty(pr.state["exp_avg"].shape, dtype=pr.grad.dtype, device=pr.grad.device) for pr in bucket]
         self.hyper = [_adam_hyper(pr.group) for pr in bucket]
         self.has_previous = [pr.has_previous for pr in bucket]
         problems = [dict(prob, beta1=b1, beta2=b2, eps=eps, has_previous=bool(prev))
                     for prob, (b1, b2, eps), prev in zip(self.problems(bucket), self.hyper, self.has_previous)]
-        if side is None:
+        if side is None and self.int8:
+            from .kernels import grouped_int8_adam
+            self.tables = grouped_int8_adam.build_int8_tables(problems, "unprojected")
+            self.step = grouped_int8_adam.int8_adam_step
+        elif side is None:
             self.tables = grouped.build_adamw_tables(problems)
             self.step = grouped.grouped_adamw_step
         else:
@@ -634,12 +649,12 @@ class _GroupedBucket:
             self.step = grouped.grouped_projected_step
 
     def problems(self, bucket: list) -> list:
+        moments = MOMENT_KEYS + (quant.QUANT_KEYS if self.int8 else ())
         if self.side is None:
-            return [dict(param=pr.weight, grad=pr.grad, exp_avg=pr.state["exp_avg"],
-                         exp_avg_sq=pr.state["exp_avg_sq"]) for pr in bucket]
+            return [dict(param=pr.weight, grad=pr.grad, **{k: pr.state[k] for k in moments}) for pr in bucket]
         limiting = self.rule is not None and self.rule[2]
-        return [dict(param=pr.weight, grad=pr.grad, basis=pr.P if self.side == "left" else pr.Q,
-                     exp_avg=pr.state["exp_avg"], exp_avg_sq=pr.state["exp_avg_sq"], N=N,
+        return [dict(param=pr.weight, grad=pr.grad, basis=pr.P if self.side == "left" else pr.Q, N=N,
+                     **{k: pr.state[k] for k in moments},
                      **({"limiter_norm": pr.state["limiter_norm"]} if limiting else {}))
                 for pr, N in zip(bucket, self.N)]
 

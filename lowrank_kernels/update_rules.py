@@ -105,12 +105,12 @@ def grouped_supported(group: dict, side: Optional[str] = None, shape: Optional[t
     non-rank dimension, so that reference.norm_ratio's axis is the rank axis (the optimizer's 1 <= r <
     min(m, n) guarantees it; checked anyway). Everything else takes the reference per parameter.
     """
-    if group.get("state_dtype") == "int8":
-        return False
+    rule = group.get("update", "galore")
+    if group.get("state_dtype") == "int8" and rule != "galore":
+        return False  # the rules' norms come from the projection's epilogue, which int8 moments move out of
     if "rank" not in group:
         return True
     projector = group.get("projector", "svd")
-    rule = group.get("update", "galore")
     if projector not in FUSED_PROJECTORS or (rule == "fira" and projector not in ORTHONORMAL_PROJECTORS):
         return False
     if rule == "galore" or side is None:

@@ -62,6 +62,7 @@ from typing import Optional
 
 import torch
 
+from ..quant import QUANT_KEYS
 from . import _launch, grouped_backproject_update, grouped_project_adam, grouped_rule_scales, multi_tensor_adamw
 from ._tables import check_problems, check_scalars, common_dtype, hyper_rows, problem_hyper, \
     tensor_signature
@@ -72,6 +73,7 @@ __all__ = ["GroupedTables", "build_projected_tables", "grouped_projected_step", 
 PROJECTED_KEYS = ("param", "grad", "basis", "exp_avg", "exp_avg_sq", "N")
 ADAMW_KEYS = ("param", "grad", "exp_avg", "exp_avg_sq")
 SIDES = ("left", "right")
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -85,7 +87,7 @@ def tile_configs(side: str, m: int, n: int, r: int, dtype: torch.dtype) -> tuple
 
 def projected_signature(problems: list) -> tuple:
     """What the tables depend on besides gradients: every tensor's address, shape, strides and dtype."""
-    return tuple(tensor_signature(p[k]) for p in problems for k in PROJECTED_KEYS + ("limiter_norm",)
+    return tuple(tensor_signature(p[k]) for p in problems for k in PROJECTED_KEYS + ("limiter_norm",) + QUANT_KEYS
                  if k != "grad" and p.get(k) is not None)
 
 
@@ -201,7 +203,12 @@ def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True, 
         raise ValueError(f"side must be 'left' or 'right' (full projections are stepped one by one); got {side!r}")
     if rule not in grouped_backproject_update.RULES:
         raise ValueError(f"rule must be one of {sorted(grouped_backproject_update.RULES)}; got {rule!r}")
-    device, dtypes = _common(problems, PROJECTED_KEYS)
+    # int8 moments (uint8 codes + absmax, quant.py): checked by the int8 kernel's builder below
+    int8 = bool(problems) and isinstance(problems[0].get("exp_avg"), torch.Tensor) and \
+        problems[0]["exp_avg"].dtype == torch.uint8
+    device, dtypes = _common(problems, tuple(k for k in PROJECTED_KEYS if not (int8 and k in MOMENTS)))
+    if int8:
+        dtypes.update(exp_avg=torch.uint8, exp_avg_sq=torch.uint8)
     limiting = rule == "fira" or (rule.startswith("apollo") and limit)
     for i, p in enumerate(problems):
         if any(p[k].dim() != 2 for k in PROJECTED_KEYS):
@@ -226,6 +233,8 @@ def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True, 
         for k in ("basis", "N"):
             if dtypes[k] != dtypes["grad"]:
                 raise TypeError(f"{k} dtype {dtypes[k]} differs from the gradients' {dtypes['grad']}")
+    if int8 and rule != "galore":
+        raise ValueError(f"int8 moments run with the galore rule only in the grouped kernels; got rule {rule!r}")
     hyper = problem_hyper(problems)
     kernels = {}
     if problems:
@@ -233,9 +242,22 @@ def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True, 
         if rule != "galore":
             problems = _with_scratch(problems, side, rule, device, dtypes["grad"], sms)
         norms = rule in ("fira", "apollo", "apollo-mini")
-        kernels["project_adam"] = grouped_project_adam.build(
-            side, problems, device, dtypes["grad"], dtypes["exp_avg"], dtypes["exp_avg_sq"], sms,
-            store_r=rule in ("fira", "frugal"), norms=norms, gnorm=norms)
+        if int8:
+            from . import grouped_int8_adam  # (it builds on this module's GroupedTables)
+            # Moments as int8 codes (bitsandbytes' blocks of 256 flattened entries, which no GEMM tile
+            # aligns with): the projection writes R to a scratch buffer, one grouped int8 launch updates the
+            # codes in bitsandbytes' order and writes N, then the back-projection as for GaLore.
+            problems = [dict(p, R=torch.empty(p["N"].shape, dtype=p["N"].dtype, device=device)) for p in problems]
+            kernels["project_adam"] = grouped_project_adam.build(
+                side, [dict(p, N=p["R"]) for p in problems], device, dtypes["grad"], torch.float32,
+                torch.float32, sms, adam=False)
+            kernels["int8_adam"] = grouped_int8_adam.build_int8_tables(
+                [{k: p[k] for k in ("R", "N") + grouped_int8_adam.STATE_KEYS} for p in problems],
+                "projected").kernels["int8_adam"]
+        else:
+            kernels["project_adam"] = grouped_project_adam.build(
+                side, problems, device, dtypes["grad"], dtypes["exp_avg"], dtypes["exp_avg_sq"], sms,
+                store_r=rule in ("fira", "frugal"), norms=norms, gnorm=norms)
         if norms:
             kernels["rule_scales"] = grouped_rule_scales.build(
                 problems, device, dtypes["grad"], rule="fira" if rule == "fira" else "apollo",
@@ -282,6 +304,9 @@ def grouped_projected_step(tables: GroupedTables, scalars: torch.Tensor, *, beta
     if not tables.num_problems:
         return
     grouped_project_adam.launch(tables.kernels["project_adam"], hyper)
+    if "int8_adam" in tables.kernels:
+        from . import grouped_int8_adam
+        grouped_int8_adam.launch(tables.kernels["int8_adam"], hyper)
     if "rule_scales" in tables.kernels:
         grouped_rule_scales.launch(tables.kernels["rule_scales"], scalars)
     grouped_backproject_update.launch(tables.kernels["backproject_update"], scalars)

@@ -35,7 +35,7 @@ API (kernels/grouped.py's conventions)::
     int8_adam_step(tables, scalars, grads=[...])        # unprojected; never synchronises
 
 ``tables.matches(problems)`` says whether the tables still name the problems' tensors (rebuild if not: a
-state reallocated by a load or a rank change); ``scalars`` is grouped.py's (P, 3) fp32 device tensor
+state reallocated by a load or a rank change); ``scalars`` is grouped.py's (P, 4) fp32 device tensor
 [step_size, scale, lr * weight_decay]. On a GPU, N's sqrt and division are _device.adam_moments' (the
 compiled fast ones, as in every fused kernel), so N may differ from the reference's by an ulp there; the
 codes do not depend on N.
@@ -53,11 +53,11 @@ from .. import quant
 from . import _launch
 from ._device import adam_moments, decoupled_update, round_to
 from ._grouped_device import problem_row, row_pointer
-from ._tables import TL_DTYPE, KernelTable, check_problems, check_scalars, common_dtype, problem_hyper, \
+from ._tables import SCALAR_STRIDE, TL_DTYPE, KernelTable, check_problems, check_scalars, common_dtype, problem_hyper, \
     tensor_signature
 from .grouped import GroupedTables
 
-__all__ = ["MODES", "build_int8_tables", "int8_adam_step", "int8_signature"]
+__all__ = ["MODES", "build_int8_tables", "int8_adam_step", "int8_signature", "launch"]
 
 QBLOCK = tl.constexpr(quant.BLOCK)
 MODES = ("projected", "unprojected")
@@ -138,7 +138,7 @@ def _grouped_int8_adam_kernel(
         tl.store(y_ptr + offs, round_to(n, Y_DTYPE, INTERPRETER), mask=mask)
     else:
         # multi_tensor_adamw's update: N rounded to the gradient's dtype, then the decoupled step.
-        scalars = scalars_ptr + index * 3  # [step_size, scale, lr * weight_decay]
+        scalars = scalars_ptr + index * SCALAR_STRIDE  # [step_size, scale, lr * weight_decay, residual_lr]
         n = round_to(n, X_DTYPE, INTERPRETER).to(tl.float32)
         w = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = decoupled_update(w, n, tl.load(scalars) * tl.load(scalars + 1), -tl.load(scalars + 2), True)
@@ -276,9 +276,17 @@ def int8_adam_step(tables: Int8Tables, scalars: Optional[torch.Tensor] = None, *
         tables.update_grads(grads)
     if not tables.num_problems:
         return
-    table = tables.kernels["int8_adam"]
-    maps = _maps(tables.device)
-    with _launch.on_device(tables.device):
+    launch(tables.kernels["int8_adam"], hyper, scalars)
+
+
+def launch(table: KernelTable, hyper: torch.Tensor, scalars: Optional[torch.Tensor] = None) -> None:
+    """One launch over every block of every problem (``scalars``: unprojected tables only); reads only
+    device tables (no host synchronisation). grouped.grouped_projected_step calls it for int8 buckets,
+    between the projection-only launch and the back-projection."""
+    if table.num_tiles == 0:
+        return
+    device = table.table.device
+    with _launch.on_device(device):
         _grouped_int8_adam_kernel[(table.num_tiles,)](
-            table.table, table.tile_problem, hyper, hyper if scalars is None else scalars, maps,
+            table.table, table.tile_problem, hyper, hyper if scalars is None else scalars, _maps(device),
             INTERPRETER=_launch.interpreted(_grouped_int8_adam_kernel), **table.meta)
