@@ -138,8 +138,11 @@ def test_combination_on_the_kernels_follows_the_reference(name):
         runs.append((model, ranks))
     (ref, ref_ranks), (ker, ker_ranks) = runs
     assert ref_ranks == ker_ranks
+    # int8 moments: an ulp of R can move a moment across a midpoint of the dynamic map, one code (a few % of
+    # that entry) apart, which moves one channel's update by a few % of lr * |N| <= 1e-2: 5e-5 absolute.
+    atol = 5e-5 if options.get("state_dtype") == "int8" else 1e-6
     for (label, a), b in zip(ref.named_parameters(), ker.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m: f"{label}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=lambda m: f"{label}: {m}")
 
 
 @pytest.mark.parametrize("name", ["fira-rsvd-energy-rotate", "apollo-mini-svd-converged", "int8-warm-energy-zero",
