@@ -50,6 +50,7 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import projection, reference
 from .backends import step_function
@@ -213,6 +214,7 @@ class StepEngine:
     def __init__(self):
         self._device_entries: dict = {}
         self._tables: dict = {}
+        self._bases = WeakIdKeyDictionary()  # param -> (sizes, compact token, {basis key: matrix})
         # What the last ordinary step advanced: (states, [(device entry, groups)], [(grouped bucket, groups)])
         self._last: tuple = ([], [], [])
         self.table_builds = 0
@@ -296,7 +298,7 @@ class StepEngine:
             state["step"] += 1
             pr.moment_step = state["step"] - state.get("moment_start", 0)
             if pr.side is not None:
-                pr.P, pr.Q = state.get("proj_left"), state.get("proj_right")
+                pr.P, pr.Q = self.basis(pr)
             key = pr.key
             if pr.route == "grouped":  # one tile config per launch (see the module docstring)
                 key += (pr.route, _grouped().tile_configs(pr.side, *pr.grad.shape, state["rank"], pr.grad.dtype))
@@ -328,6 +330,31 @@ class StepEngine:
             if pr.write_back is not None:
                 pr.write_back.copy_(pr.weight.view_as(pr.write_back))
         self._last = ([pr.state for pr in problems], entries, grouped_last)
+
+    # ---- bases ------------------------------------------------------------------------------------------
+    def basis(self, pr: _Problem) -> tuple:
+        """(P, Q) of a projected problem.
+
+        Sources whose state holds a seed or column numbers (projection.REGENERATED: "random", "dct") keep
+        checkpoints compact; their matrices live here, rebuilt only when what they come from changed (a
+        refresh, load_state_dict, a rank change), into the same storage when the shape allows, so a
+        captured CUDA graph and the grouped tables stay valid. The memory is the matrix's, as in APOLLO.
+        """
+        state = pr.state
+        token = _compact_token(state)
+        if not token:
+            return state.get("proj_left"), state.get("proj_right")
+        key = (state["rank"], tuple(pr.grad.shape), pr.grad.dtype, pr.grad.device)
+        cached = self._bases.get(pr.p)
+        if cached is None or cached[0] != key or not _same_token(cached[1], token):
+            built = projection.basis_tensors(state, pr.grad)
+            bases = {k: built[k] for k in BASIS_KEYS if k in built}
+            if cached is not None:
+                _keep_storage(bases, cached[2])
+            cached = (key, token, bases)
+            self._bases[pr.p] = cached
+        bases = cached[2]
+        return bases.get("proj_left"), bases.get("proj_right")
 
     # ---- device scalars -----------------------------------------------------------------------------------
     def _device_scalars(self, opt, buckets: dict) -> tuple:
@@ -394,6 +421,22 @@ class StepEngine:
             entry.sync_hyperparameters(groups)
         for cached, groups in grouped:
             cached.sync_hyper(groups)
+
+
+def _compact_token(state: dict) -> list:
+    """What a regenerated basis is built from: [(key, value, version)], tensors by identity."""
+    token = []
+    for key in projection.COMPACT_KEYS:
+        value = state.get(key)
+        if value is not None:
+            token.append((key, value, value._version if torch.is_tensor(value) else None))
+    return token
+
+
+def _same_token(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        ka == kb and va_ver == vb_ver and (va is vb if torch.is_tensor(va) or torch.is_tensor(vb) else va == vb)
+        for (ka, va, va_ver), (kb, vb, vb_ver) in zip(a, b))
 
 
 def _host_scalars(pr: _Problem) -> dict:

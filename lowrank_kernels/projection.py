@@ -69,8 +69,10 @@ POLICY_DEFAULTS = {
     ("update", "apollo"): {"scale_front": False, "disable_nl": False},
     ("update", "apollo-mini"): {"scale_front": False, "disable_nl": False},
 }
-# Sources whose bases the fused kernels can take as they are (materialised by basis_of before the step).
-FUSED_PROJECTORS = ("svd", "rsvd", "warm")  # random and dct states hold a seed or indices, not the basis
+# Sources whose bases the fused kernels take: every one. random and dct states hold a seed or column
+# numbers (compact checkpoints); the whole-model step keeps their matrices in a cache of its own
+# (engine.StepEngine.basis), the per-parameter path rebuilds them each step (basis_of).
+FUSED_PROJECTORS = ("svd", "rsvd", "warm", "random", "dct")
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int]:

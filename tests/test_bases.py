@@ -155,3 +155,59 @@ def test_regenerated_bases_resume_bit_exactly(projector, proj_type):
     run(resumed, opt2, data[4:])
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- the whole-model step's basis cache ---------------------------------------------------------------
+@pytest.mark.parametrize("projector", ["random", "dct"])
+@pytest.mark.parametrize("proj_type", ["std", "left", "full"])
+def test_engine_equals_the_per_parameter_path(projector, proj_type):
+    """The engine keeps the matrices of seeded / DCT bases between refreshes (StepEngine.basis); the per-
+    parameter path rebuilds them every step from the state. Same bits, across refreshes and a rank change."""
+    def run(per_parameter: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(13, 29), nn.Tanh(), nn.Linear(29, 7))
+        weights = [p for p in model.parameters() if p.dim() == 2]
+        others = [p for p in model.parameters() if p.dim() != 2]
+        opt = GaLoreAdamW([{"params": others}, {"params": weights, "rank": 4, "update_proj_gap": 2,
+                                                 "projector": projector, "proj_type": proj_type}], lr=1e-2)
+        opt._per_parameter_step = per_parameter
+        g = torch.Generator().manual_seed(1)
+        for step in range(7):
+            if step == 4:  # a structural edit: the rank changes at the next refresh
+                opt.param_groups[1]["rank"] = 3
+            x, y = torch.randn(8, 13, generator=g), torch.randn(8, 7, generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model
+
+    for a, b in zip(run(False).parameters(), run(True).parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("projector", ["random", "dct"])
+def test_engine_basis_cache_follows_the_state(projector):
+    """Rebuilt after a refresh into the same storage (a captured CUDA graph stays valid), never stale: the
+    cached matrix always equals the one the state regenerates."""
+    w = nn.Parameter(torch.randn(11, 30))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "projector": projector, "update_proj_gap": 2}])
+    engine = opt._engine()
+    pointers = set()
+    for step in range(5):
+        w.grad = torch.randn(11, 30) * (step + 1)
+        opt.step()
+        _, _, bases = engine._bases[w]
+        P = bases["proj_left"]
+        pointers.add(P.data_ptr())
+        assert torch.equal(P, projection.basis_of(opt.state[w], w.grad)[0])
+    assert len(pointers) == 1
+    # load_state_dict replaces the state: the cache must not serve the old basis
+    other = nn.Parameter(torch.randn(11, 30))
+    donor = GaLoreAdamW([{"params": [other], "rank": 3, "projector": projector, "update_proj_gap": 2}], seed=9)
+    other.grad = torch.randn(11, 30)
+    donor.step()
+    opt.load_state_dict(donor.state_dict())
+    w.grad = torch.randn(11, 30)
+    before = projection.basis_of(opt.state[w], w.grad)[0].clone()
+    opt.step()
+    assert torch.equal(engine._bases[w][2]["proj_left"], before)

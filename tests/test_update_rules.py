@@ -200,8 +200,9 @@ def test_rule_defaults_and_edits_checked_at_step():
 def test_fused_supported():
     base = {"rank": 4, "projector": "svd", "update": "galore", "state_dtype": None}
     assert projection.fused_supported(base)
-    # random and dct states hold a seed or column numbers, which the bucketed step does not rebuild
-    assert not projection.fused_supported({**base, "projector": "dct"})
+    # random and dct states hold a seed or column numbers; the engine materialises their bases
+    assert projection.fused_supported({**base, "projector": "dct"})
+    assert projection.fused_supported({**base, "projector": "random"})
     assert projection.fused_supported({"state_dtype": "float32"})  # plain AdamW group
     for change in ({"update": "fira"}, {"update": "apollo-mini"}, {"state_dtype": "int8"}):
         assert not projection.fused_supported({**base, **change})
