@@ -93,19 +93,26 @@ class _Problem:
         self.weight, self.grad, self.write_back, self.side = p, p.grad, None, None
         self.P = self.Q = self.route = None
         if "rank" in group:
-            m, n = projection.matrix_shape(p.shape)
-            if p.dim() > 2:
+            shape = p.shape
+            m, n, self.side = _layout(group["proj_type"], shape)
+            if len(shape) > 2:
                 self.grad = self.grad.reshape(m, n)
                 try:
                     self.weight = p.view(m, n)
                 except RuntimeError:  # e.g. a channels_last conv weight: update a copy, write it back
                     self.weight = p.reshape(m, n).clone()
                     self.write_back = p
-            self.side = projection.orientation(group["proj_type"], m, n)
         moments = self.state.get("exp_avg")
         mdtype = moments.dtype if moments is not None else (STATE_DTYPES[group.get("state_dtype")]
                                                            or self.grad.dtype)
         self.key = (p.device, p.dtype, self.side, mdtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(proj_type: str, shape: torch.Size) -> tuple:
+    """(m, n, orientation) of a projected parameter of ``shape`` (cached: per parameter, per step)."""
+    m, n = projection.matrix_shape(shape)
+    return m, n, projection.orientation(proj_type, m, n)
 
 
 def _runner(backend: str, tensor: torch.Tensor) -> str:
@@ -232,12 +239,16 @@ class StepEngine:
         # FSDP2 shards step on their own path, in the plan's order (collectives must match); update rules
         # and bases the bucketed math does not cover (fira, frugal, apollo, int8 moments, random and dct
         # bases: projection.fused_supported) take the per-parameter path, whose math is update_rules'.
-        own = [item for item in work if fsdp.is_dtensor(item[1]) or not projection.fused_supported(item[0])]
-        if own:
-            for item in own:
-                opt._step_param(*item)
-            work = [item for item in work if not (fsdp.is_dtensor(item[1]) or
-                                                 not projection.fused_supported(item[0]))]
+        fused = {}  # id(group): projection.fused_supported(group), asked once per group
+        for item in work:
+            if id(item[0]) not in fused:
+                fused[id(item[0])] = projection.fused_supported(item[0])
+        own = [not fused[id(item[0])] or fsdp.is_dtensor(item[1]) for item in work]
+        if any(own):
+            for item, mine in zip(work, own):
+                if mine:
+                    opt._step_param(*item)
+            work = [item for item, mine in zip(work, own) if not mine]
             if not work:
                 return
         problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]
@@ -485,9 +496,10 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
         if run is None:
             runs[key] = run = []
         run.append(i)
-    # CPU: the foreach ops' scalar overloads wrap the scalar once per tensor (~1 us each); a 0-dim float64
-    # tensor (what a Python float becomes) is passed once and rounds exactly as the Python float does.
-    scalar = _cpu_scalar if bucket[0].weight.device.type == "cpu" else float
+    # CPU, host mode: the foreach ops' scalar overloads wrap the scalar once per tensor (~1 us each); a 0-dim
+    # float64 tensor (what a Python float becomes) is read once and rounds exactly as the Python float
+    # does. (Not in device mode: that read is a _local_scalar_dense, which device mode promises never to do.)
+    scalar = _cpu_scalar if device is None and bucket[0].weight.device.type == "cpu" else float
     for (beta1, beta2, eps, scale, step_size, lr, wd), idx in runs.items():
         probs = [bucket[i] for i in idx]
         M = [pr.state["exp_avg"] for pr in probs]
