@@ -1,4 +1,6 @@
 """Small shared pieces for the tests: a toy model with tall, wide and square weights, and its groups."""
+import copy
+
 import torch
 from torch import nn
 
@@ -47,3 +49,22 @@ def train(model, opt, data):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def snapshot(model, opt):
+    """Weights and a deep copy of the optimizer's state_dict, for :func:`assert_unchanged`."""
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(model, opt, snap):
+    """Weights and optimizer state exactly as ``snap`` (a refused step must change nothing)."""
+    weights, sd = snap
+    for a, b in zip(model.parameters(), weights):
+        assert torch.equal(a, b)
+    now = opt.state_dict()
+    assert now["state"].keys() == sd["state"].keys()
+    for idx, entry in sd["state"].items():
+        assert now["state"][idx].keys() == entry.keys()
+        for key, value in entry.items():
+            got = now["state"][idx][key]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value

@@ -1,5 +1,4 @@
 """Bad input gets a clear error and leaves weights and optimizer state untouched."""
-import copy
 import re
 
 import pytest
@@ -8,24 +7,7 @@ from torch import nn
 
 from lowrank_kernels import GaLoreAdamW
 
-from helpers import ToyNet, batches, galore_groups, train
-
-
-def _snapshot(model, opt):
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(model, opt, snap):
-    weights, sd = snap
-    for a, b in zip(model.parameters(), weights):
-        assert torch.equal(a, b)
-    now = opt.state_dict()
-    assert now["state"].keys() == sd["state"].keys()
-    for idx, entry in sd["state"].items():
-        assert now["state"][idx].keys() == entry.keys()
-        for key, value in entry.items():
-            got = now["state"][idx][key]
-            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+from helpers import ToyNet, assert_unchanged, batches, galore_groups, snapshot, train
 
 
 # ---- construction -----------------------------------------------------------------------------------
@@ -97,10 +79,10 @@ def test_non_finite_gradient_at_refresh_raises_and_changes_nothing(projector):
     model, opt = _trained(steps=3, projector=projector)  # step 3 is a refresh (gap 3)
     _fresh_grads(model)
     model.mid.weight.grad[2, 7] = float("nan")
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"non-finite gradient in parameter #\d+ \(shape \(48, 48\)\).*refresh"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
     # The caller skips the batch and carries on.
     opt.zero_grad()
     _fresh_grads(model, seed=6)
@@ -124,10 +106,10 @@ def test_sparse_gradient_raises_and_changes_nothing():
     model, opt = _trained()
     _fresh_grads(model)
     model.out.weight.grad = model.out.weight.grad.to_sparse()
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def test_complex_gradient_raises():
@@ -153,10 +135,10 @@ def test_group_mutated_to_invalid_value_raises_at_step_and_changes_nothing(key, 
     model, opt = _trained()
     opt.param_groups[1][key] = value
     _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=match):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def test_set_of_params_raises_type_error_as_torch_optim_does():
@@ -180,22 +162,22 @@ def test_rank_edited_too_large_raises_naming_the_parameter_and_changes_nothing(k
     train(model, opt, batches(2))
     opt.param_groups[0][key] = value
     _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     match = r"rank=12 is too large for parameter 'out.weight'.*\(12, 48\)" if value == 12 else \
         r"rank=48 is too large for parameter 'inp.weight'" if value == 48 else "Invalid rank"
     with pytest.raises(ValueError, match=match):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def test_max_rank_edited_too_large_raises_and_changes_nothing():
     model, opt = _trained(rank_policy="energy")
     opt.param_groups[1]["max_rank"] = 30  # >= min(m, n) = 12 for the 12x48 weight, = 16 for 48x16
     _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"rank=30 is too large .*shape \(48, 16\)"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 @pytest.mark.parametrize("key,choice,new_keys", [
@@ -220,10 +202,10 @@ def test_policy_key_edited_to_invalid_raises_and_changes_nothing():
     model, opt = _trained(refresh_policy="lazy")
     opt.param_groups[1]["patience"] = 0
     _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"Invalid patience: 0.*param group 1"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def _side(state):
@@ -308,10 +290,10 @@ def test_triton_backend_on_cpu_without_interpreter_raises_before_anything_change
     opt.backend = "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"parameter #0 .*needs CUDA tensors"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 # ---- gradients and parameters that no longer fit (7e) ---------------------------------------------------
@@ -319,10 +301,10 @@ def test_gradient_of_another_shape_raises_and_changes_nothing():
     model, opt = _trained()
     _fresh_grads(model)
     model.mid.weight.data = torch.randn(50, 48)  # the gradient stays 48x48
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"gradient of parameter #\d+ \(shape \(50, 48\)\) has shape \(48, 48\)"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 @pytest.mark.parametrize("which,key", [("mid", "proj_right"), ("norm", "exp_avg")])
@@ -332,10 +314,10 @@ def test_parameter_resized_after_its_state_exists_raises_naming_the_key(which, k
     new_shape = (48, 40) if which == "mid" else (50,)
     module.weight.data = torch.randn(new_shape)
     _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=re.escape(f"shape {tuple(new_shape)}") + rf"\).*state '{key}' has shape.*resized"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
     del opt.state[module.weight]  # the documented way out
     opt.step()
     assert opt.state[module.weight]["step"] == 1
@@ -363,10 +345,10 @@ def test_check_finite_refuses_a_non_finite_gradient_at_any_step(where):
             continue  # the flag is on the projected group only
         _fresh_grads(model)
         bad.grad.view(-1)[3] = float("inf")
-        snap = _snapshot(model, opt)
+        snap = snapshot(model, opt)
         with pytest.raises(RuntimeError, match=r"non-finite gradient in parameter #\d+ .*check_finite=True.*step 2"):
             opt.step()
-        _assert_unchanged(model, opt, snap)
+        assert_unchanged(model, opt, snap)
     _fresh_grads(model)
     opt.step()
     assert opt.state[model.mid.weight]["step"] == 3
