@@ -2,7 +2,6 @@
 
 The state keeps a seed or r column numbers instead of the matrix; every step rebuilds the matrix.
 """
-import io
 import math
 
 import pytest
@@ -11,6 +10,8 @@ from torch import nn
 
 from lowrank_kernels import GaLoreAdamW, projection
 from lowrank_kernels.memory import state_bytes
+
+from helpers import resume
 
 
 # ---- random -------------------------------------------------------------------------------------------
@@ -145,13 +146,7 @@ def test_regenerated_bases_resume_bit_exactly(projector, proj_type):
     run(full, opt, data)
     first, opt1 = make()
     run(first, opt1, data[:4])  # the checkpoint sits between refreshes (steps 3 and 6)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buf)
-    buf.seek(0)
-    checkpoint = torch.load(buf, weights_only=True)
-    resumed, opt2 = make()
-    resumed.load_state_dict(checkpoint["model"])
-    opt2.load_state_dict(checkpoint["optim"])
+    resumed, opt2 = resume(make, first, opt1)
     run(resumed, opt2, data[4:])
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)

@@ -6,25 +6,11 @@ import torch
 from lowrank_kernels import GaLoreAdamW
 from lowrank_kernels.engine import _run_bucket_torch
 
-from helpers import ToyNet, assert_unchanged, batches, galore_groups, snapshot, train
-
-
-def _trained(steps=3, **projected):
-    """A model and optimizer past their first steps: every cache is warm."""
-    model = ToyNet()
-    opt = GaLoreAdamW(galore_groups(model, rank=4, update_proj_gap=2, **projected), lr=1e-2, weight_decay=0.1)
-    train(model, opt, batches(steps))
-    return model, opt
-
-
-def _fresh_grads(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+from helpers import assert_unchanged, fresh_grads, snapshot, trained
 
 
 def _refused(model, opt, error, match):
-    _fresh_grads(model)
+    fresh_grads(model)
     snap = snapshot(model, opt)
     with pytest.raises(error, match=match):
         opt.step()
@@ -32,12 +18,12 @@ def _refused(model, opt, error, match):
 
 
 def test_group_checks_are_skipped_only_while_the_group_is_unchanged(monkeypatch):
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     calls = []
     import lowrank_kernels.optim as optim
     original = optim.check_hyperparameters
     monkeypatch.setattr(optim, "check_hyperparameters", lambda g: (calls.append(g), original(g)))
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     assert calls == []  # nothing edited: the cached verdict stands (the test of the cache itself)
     opt.param_groups[1]["lr"] = 2e-2
@@ -55,19 +41,19 @@ def test_group_checks_are_skipped_only_while_the_group_is_unchanged(monkeypatch)
     (lambda g: g.__setitem__("rank_policy", "energy") or g.__setitem__("max_rank", 40), "rank=40 is too large"),
 ])
 def test_a_group_edited_after_cached_steps_is_checked_again(edit, match):
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     opt.param_groups[1].update(betas=[0.9, 0.999], check_finite=True)
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()  # the list is now what the cache last saw
     edit(opt.param_groups[1])
     _refused(model, opt, ValueError, match)
 
 
 def test_a_tensor_lr_is_checked_at_every_step():
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     lr = torch.tensor(1e-2)
     opt.param_groups[1]["lr"] = lr
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     lr.fill_(-1.0)  # the same object, a new value
     _refused(model, opt, ValueError, "learning rate")
@@ -76,8 +62,8 @@ def test_a_tensor_lr_is_checked_at_every_step():
 def test_a_gradient_resized_in_place_after_cached_steps_is_refused():
     """The same gradient tensor as at the last step (zero_grad(set_to_none=False) keeps it), resized:
     the cache keys on its shape, not its identity."""
-    model, opt = _trained()
-    _fresh_grads(model)
+    model, opt = trained(steps=3, gap=2)
+    fresh_grads(model)
     opt.step()
     grad = model.mid.weight.grad
     grad.data = torch.randn(49, 48)
@@ -89,41 +75,41 @@ def test_a_gradient_resized_in_place_after_cached_steps_is_refused():
 
 
 def test_a_parameter_gaining_and_losing_its_gradient():
-    model, opt = _trained()
-    _fresh_grads(model)
+    model, opt = trained(steps=3, gap=2)
+    fresh_grads(model)
     model.out.weight.grad = None
     before = opt.state[model.out.weight]["step"]
     opt.step()
     assert opt.state[model.out.weight]["step"] == before
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     assert opt.state[model.out.weight]["step"] == before + 1
 
 
 def test_a_parameter_resized_after_cached_steps_is_refused():
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     w = model.mid.weight
     w.data = torch.randn(40, 48)
     _refused(model, opt, RuntimeError, r"'exp_avg' has shape .*resized")
 
 
 def test_a_state_entry_edited_after_cached_steps_is_checked_again():
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     state = opt.state[model.mid.weight]
     state["exp_avg"] = torch.zeros(3, 3)
     _refused(model, opt, RuntimeError, "'exp_avg' has shape")
     del opt.state[model.mid.weight]  # the documented restart
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     assert opt.state[model.mid.weight]["step"] == 1
 
 
 def test_groups_added_or_loaded_after_cached_steps_are_checked():
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     extra = torch.nn.Parameter(torch.randn(6, 5))
     opt.add_param_group({"params": [extra], "rank": 2})
     extra.grad = torch.randn(6, 5)
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     assert opt.state[extra]["step"] == 1
     opt.load_state_dict(opt.state_dict())  # new group dicts: nothing cached for them yet
@@ -134,9 +120,9 @@ def test_groups_added_or_loaded_after_cached_steps_are_checked():
 
 def test_a_dtype_or_backend_edited_after_cached_steps_is_checked_again():
     pytest.importorskip("triton")
-    model, opt = _trained()
+    model, opt = trained(steps=3, gap=2)
     model.norm.weight.data = model.norm.weight.data.double()
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()  # float64 is fine on the reference (backend "auto" on CPU)
     assert opt.state[model.norm.weight]["exp_avg"].dtype == torch.float64
     opt.backend = "triton"  # (TRITON_INTERPRET=1 on CPU: tests/conftest.py)
