@@ -7,7 +7,10 @@ does) with the tile config its launcher would pick on a 132-SM H100 for a 4096 x
 memory. CTAs per SM follow from H100's limits: 64K registers, 228 KB shared memory (1 KB reserved per
 CTA), 2048 threads, 32 CTAs.
 
-    python bench/kernel_resources.py      # writes bench/results/kernel_resources_sm90_<date>.md
+    python bench/kernel_resources.py      # writes bench/results/kernel_resources_sm90_triton<version>_<date>.md
+
+Register counts and pipelining decisions change between triton versions (each bundles its own ptxas): run it
+with the triton the GPU machine has too (a second venv is enough: nothing here needs a GPU).
 """
 from __future__ import annotations
 
@@ -49,7 +52,9 @@ def usage(compiled) -> dict:
         out = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     field = lambda name: int(re.search(rf"{name}:(\d+)", out).group(1))  # noqa: E731
-    return dict(regs=field("REG"), local=field("LOCAL"), stack=field("STACK"), smem=compiled.metadata.shared)
+    return dict(regs=field("REG"), local=field("LOCAL"), stack=field("STACK"), smem=compiled.metadata.shared,
+                pipelined=aot.pipelined(compiled),
+                narrow=len(re.findall(r"(?:ld|st)\.global\.b16", compiled.asm["ptx"])))
 
 
 def ctas_per_sm(regs: int, smem: int, warps: int) -> tuple:
@@ -79,23 +84,41 @@ def cases():
                     stride_vi=N, stride_vj=1, stride_ni=N, stride_nj=1)
         yield ("project_adam (left)", shape, aot._project_adam_kernel,
                dict(a_ptr=BF16, b_ptr=BF16, m_ptr=BF16, v_ptr=BF16, n_ptr=BF16), cx, w, s, ints)
-        layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True)
+        layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=7)
         cx, w, s = gemm(r, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
         yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
         cx, w, s = gemm(M, N, r, dict(HAS_DECAY=True))  # kernel (b): I = m, J = n, K = r
         ints = dict(I=M, J=N, K=r, stride_wi=N, stride_wj=1, stride_ai=r, stride_ak=1, stride_bk=N, stride_bj=1)
         yield ("backproject_update (left)", shape, aot._backproject_update_kernel,
                dict(w_ptr=BF16, a_ptr=BF16, b_ptr=BF16), cx, w, s, ints)
-        cx, w, s = gemm(M, N, r, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True))
+        cx, w, s = gemm(M, N, r, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True, DIMS8=7))
         yield ("grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES,
                cx, w, s)
     shape = f"{N}x{M} r=512"  # the transposed weight: right orientation, R = G Q (I = m, J = r, K = n)
-    layouts = dict(A_LAYOUT=1, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True)
+    layouts = dict(A_LAYOUT=1, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=7)
     cx, w, s = gemm(N, 512, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
     yield "grouped_project_adam (right)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
-    cx, w, s = gemm(N, M, 512, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True))
+    cx, w, s = gemm(N, M, 512, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True, DIMS8=7))
     yield "grouped_backproject_update (right)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
-    yield ("adamw", "any (1024-element blocks)", aot._adamw_kernel, dict(w_ptr=BF16, g_ptr=BF16, m_ptr=BF16, v_ptr=BF16),
+    # one problem of the launch with an odd extent on every axis: no DIMS8 hint (kernels/_grouped_device.py)
+    shape = f"{M}x{N} r=512, DIMS8=0"
+    layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=0)
+    cx, w, s = gemm(512, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
+    yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
+    layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True, DIMS8=0)
+    cx, w, s = gemm(M, N, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
+    yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
+    # the 1B layout's right bucket (2048 x 5461 MLP down projections, rank 512): 5461 is odd, so kernel (a)
+    # lacks the K hint (G's contiguous axis) and kernel (b) the J hint (W's)
+    shape = "2048x5461 r=512 (1B layout), DIMS8=3 / 5"
+    layouts = dict(A_LAYOUT=1, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=3)
+    cx, w, s = gemm(2048, 512, 5461, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
+    yield "grouped_project_adam (right)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
+    layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True, DIMS8=5)
+    cx, w, s = gemm(2048, 5461, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
+    yield "grouped_backproject_update (right)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
+    yield ("adamw", "any (1024-element blocks)", aot._adamw_kernel,
+           dict(w_ptr=BF16, g_ptr=BF16, m_ptr=BF16, v_ptr=BF16),
            dict(BLOCK=aot.BLOCK, HAS_DECAY=True, INTERPRETER=False), 4, 1, dict(numel=M * N))
     cx = dict(W_DTYPE=b, G_DTYPE=b, M_DTYPE=b, V_DTYPE=b, ALIGNED=True, BLOCK=aot.MT_BLOCK, INTERPRETER=False)
     yield "multi_tensor_adamw", "any (1024-element blocks)", aot._multi_tensor_adamw_kernel, aot.TABLES, cx, 4, 1
@@ -140,17 +163,20 @@ def main() -> int:
             cache[key] = usage(compiled)
         u = cache[key]
         ctas, limit = ctas_per_sm(u["regs"], u["smem"], warps)
-        rows.append((label, shape, tiles(cx), warps, stages, u["regs"], u["local"] + u["stack"],
+        loop = ("cp.async" if u["pipelined"] else "**not pipelined**") if "BLOCK_K" in cx else "(no K loop)"
+        if "BLOCK_K" in cx and u["narrow"]:  # PTX ld/st.global.b16: unvectorised (see ANALYSIS)
+            loop += f", {u['narrow']} 2-byte ld/st"
+        rows.append((label, shape, tiles(cx), warps, stages, loop, u["regs"], u["local"] + u["stack"],
                      f"{u['smem'] / 1024:.1f}", ctas, limit))
         print(" | ".join(map(str, rows[-1])), flush=True)
-    header = ("kernel", "shape (bf16)", "tile I x J x K", "warps", "stages", "regs/thread", "spill+stack B",
+    header = ("kernel", "shape (bf16)", "tile I x J x K", "warps", "stages", "K loop", "regs/thread", "spill+stack B",
               "smem KB", "CTAs/SM", "limited by")
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     date = datetime.date.today().isoformat()
-    path = os.path.join(HERE, "results", f"kernel_resources_sm90_{date}.md")
+    path = os.path.join(HERE, "results", f"kernel_resources_sm90_triton{triton.__version__}_{date}.md")
     with open(path, "w") as f:
-        f.write(f"# Kernel resources, compiled for sm_90 ({date})\n\n"
+        f.write(f"# Kernel resources, compiled for sm_90 ({date}, triton {triton.__version__})\n\n"
                 f"triton {triton.__version__}, torch {torch.__version__}; compiled ahead of time without a GPU "
                 f"(`python bench/kernel_resources.py`), tile configs as the launchers pick them on a {SMS}-SM "
                 f"H100. CTAs/SM from H100 limits: 64K registers, 228 KB shared memory (+1 KB reserved per "
@@ -161,32 +187,71 @@ def main() -> int:
 
 ANALYSIS = """## What limits each kernel, and what would lift it
 
-(Static analysis from the compiled metadata; no timings. Tile configs are the launchers' fixed ones.)
+Static analysis only, from compiled metadata and PTX (no GPU this session, **no timing was taken**; nothing
+here claims a speedup). Tile configs are the launchers' fixed ones. The same table exists for triton 3.9.0
+(this machine's) and 3.6.0 (the H100 machine's, torch 2.11.0+cu130): register counts differ between them
+(each bundles its own ptxas), pipelining decisions do not.
 
-- **project_adam** (kernel (a), per parameter): at 128x128x64 tiles, 8 warps, 3 stages it needs ~235
-  registers per thread and 96 KB of shared memory, so **one CTA per SM** (registers: 235 x 256 threads =
-  60K of 64K). The Adam epilogue (R, M, V, N tiles in fp32 live together) sets the register peak; with one
-  CTA per SM nothing overlaps the M/V loads that follow the K loop or the stores of M, V, N with the next
-  tile's main loop. Lifts: a 64-wide I tile (r = 128 already gets 64x128: 102 registers, 2 CTAs/SM), a
-  persistent kernel that prefetches the next tile's operands during the epilogue, loading M/V before the
-  last K iterations, or splitting the epilogue over the tile's columns to shorten the live ranges.
-- **backproject_update** (kernel (b)): 127 registers, 96 KB shared memory: **2 CTAs per SM**, limited by
-  registers (and shared memory would allow only 2 as well). K = r is short (2-16 iterations), so the
-  3-stage pipeline's prologue and the W read/write epilogue dominate; 2 CTAs let one CTA's epilogue
-  overlap the other's loads. Lifts: fewer stages at small r (smem), or a persistent kernel.
-- **adamw / multi_tensor_adamw**: bandwidth kernels; 32-40 registers, no shared memory, 12-16 CTAs/SM of
+- **Why the grouped GEMMs were not pipelined (fixed).** Every grouped kernel reads I, J, K from its table
+  row, so the compiler knew nothing about their divisibility, and the bounds masks (`offs < I`,
+  `offs < J`, `offs_k < K - k * BLOCK_K`) were constant over only one element along the contiguous axis. A
+  load's vector width is capped by its mask's constancy: every load and store of the tile became a 2-byte
+  access (PTX `ld.global.b16` / `st.global.b16`, 192 + 192 of them per thread in kernel (a)), and triton's
+  pipeliner only turns loads of at least 4 bytes into `cp.async`, so the K loop ran with one buffer (32 KB of
+  shared memory at 3 requested stages) and no latency hiding; under triton 3.6.0 kernel (a) also spilled
+  1584 bytes per thread and kernel (b) hit 255 registers. The per-parameter kernels escape this because
+  triton's launcher marks int arguments divisible by 16 (`tt.divisibility`). The pointer casts from int64
+  table entries, the int64 strides and the loop bounds were not the cause (all pipeline once the masks are
+  vectorisable).
+- **The fix**: a launch-wide constexpr DIMS8 (bits for I, J, K: that extent is a multiple of 8 in every
+  problem of the launch, computed by the host when the table is built, `_tables.dims_multiple_of_8`),
+  turned into `tl.multiple_of` in `_grouped_device.row_dims`. The kernels' math is unchanged (bit-identical
+  under the interpreter). With it the grouped kernels compile like the per-parameter ones: `cp.async` K loops,
+  96 KB of shared memory at 128x128x64 (72 KB at 64x128), 16-byte `ld/st.global.v4` in the epilogues. The
+  rows "DIMS8=0" show the unhinted code, which still runs where a launch has an extent that is no multiple
+  of 8 on that axis ("K loop" counts the PTX's 2-byte global loads and stores, `ld/st.global.b16`).
+  tests/aot_compile.py now fails if a fully hinted grouped GEMM compiles unpipelined.
+- **Odd extents still cost vector width, as for the per-parameter kernels.** Only an unhinted axis along
+  which an operand is contiguous matters. At the 1B layout (dim 2048, MLP 5461, rank 512) the left bucket
+  (attention and the 5461 x 2048 MLP weights; its odd axis is K for kernel (a), I for kernel (b)) compiles
+  fully vectorised and pipelined; the right bucket (the 2048 x 5461 down projections) reads G in kernel (a)
+  with 2-byte loads (K = 5461 is G's contiguous axis; the per-parameter kernel does the same, since 5461 is
+  not divisible by 16) and kernel (b) reads and writes W with 2-byte accesses (J = 5461; under 3.6.0: 255
+  registers, 40 bytes of spill; rows "1B layout", tiles as for one such problem). Leads: split the K loop
+  into full blocks without a K mask plus one masked tail (lifts the odd-K case for both kernel families; a
+  change to `_device.tile_matmul`), and give interior tiles bounds rounded down to the tile edge (known
+  divisibility) so only edge tiles take 2-byte accesses. A problem with an odd extent also removes the hint
+  from the other problems of its launch; splitting a bucket by DIMS8 would cost up to two more launches.
+- **project_adam / grouped_project_adam** (kernel (a)): at 128x128x64, 8 warps, 3 stages: per parameter
+  235 (3.9) / 228 (3.6) registers, grouped 255 / 237, both 96 KB: **one CTA per SM**, limited by registers.
+  The Adam epilogue (R, M, V, N tiles in fp32 live together) sets the peak; with one CTA per SM nothing
+  overlaps the M/V loads after the K loop or the stores of M, V, N with another tile's main loop. At 64x128
+  (rank 128, or whenever the launcher shrinks tiles to fill the SMs) the per-parameter kernel needs ~100
+  registers (2 CTAs/SM) and the grouped one 124 (3.9: 2 CTAs/SM) but **145 under 3.6.0: 1 CTA/SM**. The
+  extra registers come from the per-problem beta1, beta2, eps loaded from the device table: compiled with
+  them as constants, the 3.6.0 kernel needs 100 (with the betas alone constant, 112); loading them at the
+  top of the kernel instead of in the epilogue gives 101 under 3.9 but 148 under 3.6.0, so no reordering is
+  committed. Lead (3) of the last session (64-wide I tiles for grouped kernel (a)) is therefore **not
+  adopted**: under the GPU machine's triton it still leaves one CTA per SM while halving the reuse of each
+  G panel. Leads: pass beta1, beta2, eps as kernel arguments when one row serves the whole launch (kernel
+  arguments live in the constant bank; but a CUDA graph bakes arguments in at capture, so a change of betas
+  would need a re-capture); a persistent kernel that prefetches the next tile's operands during the epilogue;
+  splitting the epilogue over the tile's columns to shorten live ranges.
+- **backproject_update / grouped_backproject_update** (kernel (b)): 126-128 registers, 96 KB shared memory
+  in both versions, grouped and per parameter alike: **2 CTAs per SM** (registers and shared memory both
+  allow 2). K = r is short (2-16 iterations), so the 3-stage pipeline's prologue and the W read/write
+  epilogue dominate; 2 CTAs let one CTA's epilogue overlap the other's loads. Lifts: fewer stages at small r
+  (shared memory), or a persistent kernel.
+- **adamw / multi_tensor_adamw**: bandwidth kernels; 32-48 registers, no shared memory, 10-16 CTAs/SM of
   128 threads (the 2048-thread limit is 16): occupancy is not the limit, bytes are.
-- **grouped_project_adam / grouped_backproject_update**: the same per-tile math, operands from table rows.
-  They compile to **32 KB of shared memory at 3 requested stages: the K loop is not software-pipelined**
-  (one stage; the per-parameter kernels get 96 KB = 3 stages), and kernel (a) reaches the 255-register cap
-  with a few bytes of spill at 128x128. So today one CTA per SM with unhidden global-load latency in the
-  main loop: expect the grouped GEMMs to be slower per tile than the per-parameter ones until this is
-  fixed. Leads, in order: (1) find why triton's pipeliner skips these loops (pointers cast from int64 table
-  entries with tl.multiple_of hints; int32 loop bounds did not change it); (2) TMA descriptors per problem
-  (device-side tensor descriptors) for the operands; (3) 64-wide I tiles for kernel (a) to leave
-  registers for the pipeline. The launch-count win (2 launches per bucket instead of 2 per parameter) is
-  independent of this.
+
+**To measure on the next GPU run** (none was taken this session): `python bench/bench_model_step.py` (60M
+and 1B layouts: ours with and without a CUDA graph, per-parameter, AdamW(fused); the last run had the
+grouped 1B step at 57.5 ms, 50.2 ms with a graph, against 29.5 ms per parameter, before this fix) and
+`python -m bench --gpu`; and the GPU tests (`pytest -m gpu tests/test_grouped_kernels.py`) for the hinted
+kernels' results at aligned shapes.
 """
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,13 @@
    multi-tensor kernel cannot walk flat run the per-parameter kernels (:func:`_run_single`), with host
    scalars: a step that needs them refuses CUDA graph capture.
 
+   The update rules other than "galore" (fira, frugal, apollo, apollo-mini) run in the same grouped
+   launches where update_rules.grouped_supported allows (left/right projections, float moments, svd/
+   rsvd/warm bases), one rule per bucket (the rule is part of the bucket key; fira and apollo add one
+   small launch, kernels/grouped_rule_scales.py); elsewhere, and on backend "torch" (whose bucketed path
+   is GaLore's), they take the per-parameter reference. A limiting rule's ``limiter_norm`` state tensor
+   is created (zero, flagged "no previous norm") before its first grouped step and written by the kernel.
+
    A triton bucket also holds one tile config (``grouped.tile_configs``): a problem then rounds the same
    in every launch it is part of, so layer-wise steps (one parameter at a time) stay bit-identical to
    whole-model steps.
@@ -52,7 +59,7 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import projection, reference
+from . import projection, reference, update_rules
 from .backends import step_function
 from .distributed import fsdp
 from .linalg import rsvd
@@ -62,8 +69,9 @@ __all__ = ["StepEngine", "SCALAR_COLUMNS", "rsvd_batched"]
 
 # Columns of the per-problem fp32 scalar table (device mode): the grouped kernels' ``scalars`` layout
 # (kernels/_tables.SCALAR_COLUMNS, kernels/grouped.py). The update is W <- W - (step_size * scale) U,
-# then W <- W - (lr * wd) W; beta1, beta2, eps live in the grouped tables' own per-problem table.
-SCALAR_COLUMNS = ("step_size", "scale", "lr_weight_decay")
+# then W <- W - (lr * wd) W; FRUGAL's signSGD step is residual_lr (0 for other rules); beta1, beta2, eps
+# live in the grouped tables' own per-problem table.
+SCALAR_COLUMNS = ("step_size", "scale", "lr_weight_decay", "residual_lr")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STABLE_KEYS = BASIS_KEYS + MOMENT_KEYS
 _MAX_DEVICE_ENTRIES = 4096  # step compositions cached (whole model, plus one per layer-wise parameter)
@@ -85,13 +93,13 @@ def rsvd_batched(mats: list, k: int, seeds: list) -> list:
 class _Problem:
     """One parameter's work in this step."""
     __slots__ = ("p", "group", "index", "state", "weight", "grad", "write_back", "side", "key", "P", "Q",
-                 "moment_step", "route")
+                 "moment_step", "route", "has_previous")
 
     def __init__(self, opt, group, p, index):
         self.p, self.group, self.index = p, group, index
         self.state = opt.state[p]
         self.weight, self.grad, self.write_back, self.side = p, p.grad, None, None
-        self.P = self.Q = self.route = None
+        self.P = self.Q = self.route = self.has_previous = None
         if "rank" in group:
             shape = p.shape
             m, n, self.side = _layout(group["proj_type"], shape)
@@ -183,8 +191,10 @@ def _hyper(group: dict) -> tuple:
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     scale = float(group["scale"]) if "rank" in group else 1.0
+    # update_rules' FRUGAL: residual_lr = lr * scale * inactive_lr_scale
+    residual_lr = lr * scale * group["inactive_lr_scale"] if group.get("update") == "frugal" else 0.0
     return (lr, beta1, beta2, 1.0 if group["correct_bias"] else 0.0, scale,
-            0.0, scale, lr * group["weight_decay"])
+            0.0, scale, lr * group["weight_decay"], residual_lr)
 
 
 def _adam_hyper(group: dict) -> tuple:
@@ -236,28 +246,37 @@ class StepEngine:
     def step(self, opt, work: list) -> None:
         if not work:
             return
-        # FSDP2 shards step on their own path, in the plan's order (collectives must match); update rules
-        # and bases the bucketed math does not cover (fira, frugal, apollo, int8 moments, random and dct
-        # bases: projection.fused_supported) take the per-parameter path, whose math is update_rules'.
-        fused = {}  # id(group): projection.fused_supported(group), asked once per group
+        # FSDP2 shards step on their own path, in the plan's order (collectives must match); what the
+        # bucketed math does not cover (int8 moments, random and dct bases: update_rules.grouped_supported;
+        # the rules other than galore wherever the grouped kernels do not run them: _rule_route) takes the
+        # per-parameter path, whose math is update_rules'.
+        supported = {}  # id(group): update_rules.grouped_supported(group), asked once per group
         for item in work:
-            if id(item[0]) not in fused:
-                fused[id(item[0])] = projection.fused_supported(item[0])
-        own = [not fused[id(item[0])] or fsdp.is_dtensor(item[1]) for item in work]
-        if any(own):
-            for item, mine in zip(work, own):
-                if mine:
-                    opt._step_param(*item)
-            work = [item for item, mine in zip(work, own) if not mine]
-            if not work:
-                return
+            if id(item[0]) not in supported:
+                supported[id(item[0])] = update_rules.grouped_supported(item[0])
+        apart = [not supported[id(item[0])] or fsdp.is_dtensor(item[1]) for item in work]
+        own = [item for item, alone in zip(work, apart) if alone]
+        work = [item for item, alone in zip(work, apart) if not alone]
         problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]
-        runners = {}
-        for pr in problems:  # choose (and check) every bucket's backend before anything changes
-            if pr.key not in runners:
-                runners[pr.key] = _runner(opt.backend, pr.weight)
-            if runners[pr.key] == "triton":
-                pr.route = _route(pr)
+        runners, kept = {}, []
+        for pr, item in zip(problems, work):  # choose (and check) every bucket's backend before anything changes
+            if pr.group.get("update", "galore") != "galore":
+                pr.route = _rule_route(opt.backend, pr)
+                if pr.route is None:
+                    own.append(item)
+                    continue
+                runners.setdefault(pr.key, "triton")
+            else:
+                if pr.key not in runners:
+                    runners[pr.key] = _runner(opt.backend, pr.weight)
+                if runners[pr.key] == "triton":
+                    pr.route = _route(pr)
+            kept.append(pr)
+        for item in own:
+            opt._step_param(*item)
+        problems = kept
+        if not problems:
+            return
         if any(pr.route == "single" for pr in problems) and _capturing(problems[0].grad.device):
             raise RuntimeError(
                 "GaLoreAdamW(backend='triton'): a 'full' projection, a weight updated through a copy "
@@ -265,7 +284,9 @@ class StepEngine:
                 "kernels, whose host step scalars a CUDA graph would freeze; capture with backend='torch' "
                 "or change those parameters' proj_type / layout")
         refreshing = []
-        for pr, (_, _, _, refresh, updates) in zip(problems, work):
+        items = {id(item[1]): item for item in work}
+        for pr in problems:
+            _, _, _, refresh, updates = items[id(pr.p)]
             if updates:
                 pr.state.update(updates)
             if "step" not in pr.state:
@@ -313,6 +334,16 @@ class StepEngine:
             key = pr.key
             if pr.route == "grouped":  # one tile config per launch (see the module docstring)
                 key += (pr.route, _grouped().tile_configs(pr.side, *pr.grad.shape, state["rank"], pr.grad.dtype))
+                rule = _rule_spec(pr.group)
+                if rule is not None:  # one update rule (a launch constexpr) per bucket
+                    key += (rule,)
+                    if rule[2]:  # a limiting rule: its norm lives in the state (absent before the first step)
+                        norm = state.get("limiter_norm")
+                        pr.has_previous = norm is not None
+                        if norm is None or norm.dtype != pr.grad.dtype or norm.device != pr.grad.device:
+                            # the kernel keeps it in the gradient's dtype (a checkpoint may have cast it)
+                            state["limiter_norm"] = (torch.zeros((), dtype=pr.grad.dtype, device=pr.grad.device)
+                                                     if norm is None else norm.to(pr.grad))
             elif pr.route is not None:
                 key += (pr.route,)
             bucket = buckets.get(key)
@@ -409,7 +440,7 @@ class StepEngine:
             if cached is None and len(self._tables) >= _MAX_DEVICE_ENTRIES:
                 self._tables.clear()
             self.table_builds += 1
-            cached = self._tables[cache_key] = _GroupedBucket(key[2], bucket)
+            cached = self._tables[cache_key] = _GroupedBucket(key[2], bucket, key[6] if len(key) > 6 else None)
         return cached
 
     # ---- CUDA graphs: the host mirror -----------------------------------------------------------------------
@@ -603,32 +634,61 @@ def _route(pr: _Problem) -> str:
     return "adamw"
 
 
+def _rule_spec(group: dict) -> Optional[tuple]:
+    """A projected group's update rule as the grouped kernels take it: (rule, scale_front, limit), or None
+    for "galore" (its bucket keys and launches stay GaLore's)."""
+    rule = group.get("update", "galore")
+    if rule == "galore":
+        return None
+    apollo = rule.startswith("apollo")
+    return (rule, bool(apollo and group["scale_front"]),
+            rule == "fira" or (apollo and not group["disable_nl"]))
+
+
+def _rule_route(backend: str, pr: _Problem) -> Optional[str]:
+    """"grouped" if the grouped kernels run this non-galore parameter's rule (update_rules.grouped_supported,
+    on a triton bucket, stepped in place); None: the reference per parameter, as before (never raises:
+    the reference runs these rules on every backend)."""
+    if (pr.weight.dtype not in KERNEL_DTYPES or pr.write_back is not None
+            or not update_rules.grouped_supported(pr.group, pr.side, tuple(pr.grad.shape))):
+        return None
+    try:
+        runner = _runner(backend, pr.weight)
+    except (RuntimeError, TypeError):
+        return None
+    return "grouped" if runner == "triton" else None
+
+
 class _GroupedBucket:
     """A triton bucket's grouped tables (kernels/grouped.py): problems in the builders' form, the low-rank
     N buffer each projected problem writes (allocated once per build), and the (beta1, beta2, eps) the
-    tables hold per problem (so a bucket may span param groups)."""
+    tables hold per problem (so a bucket may span param groups). ``rule``: _rule_spec's (None: galore)."""
 
-    def __init__(self, side: Optional[str], bucket: list):
+    def __init__(self, side: Optional[str], bucket: list, rule: Optional[tuple] = None):
         grouped = _grouped()
-        self.side = side
+        self.side, self.rule = side, rule
         self.N = None if side is None else [
             torch.empty(pr.state["exp_avg"].shape, dtype=pr.grad.dtype, device=pr.grad.device) for pr in bucket]
         self.hyper = [_adam_hyper(pr.group) for pr in bucket]
-        problems = [dict(prob, beta1=b1, beta2=b2, eps=eps)
-                    for prob, (b1, b2, eps) in zip(self.problems(bucket), self.hyper)]
+        self.has_previous = [pr.has_previous for pr in bucket]
+        problems = [dict(prob, beta1=b1, beta2=b2, eps=eps, has_previous=bool(prev))
+                    for prob, (b1, b2, eps), prev in zip(self.problems(bucket), self.hyper, self.has_previous)]
         if side is None:
             self.tables = grouped.build_adamw_tables(problems)
             self.step = grouped.grouped_adamw_step
         else:
-            self.tables = grouped.build_projected_tables(problems, side, fill_sms=False)
+            options = {} if rule is None else dict(rule=rule[0], scale_front=rule[1], limit=rule[2])
+            self.tables = grouped.build_projected_tables(problems, side, fill_sms=False, **options)
             self.step = grouped.grouped_projected_step
 
     def problems(self, bucket: list) -> list:
         if self.side is None:
             return [dict(param=pr.weight, grad=pr.grad, exp_avg=pr.state["exp_avg"],
                          exp_avg_sq=pr.state["exp_avg_sq"]) for pr in bucket]
+        limiting = self.rule is not None and self.rule[2]
         return [dict(param=pr.weight, grad=pr.grad, basis=pr.P if self.side == "left" else pr.Q,
-                     exp_avg=pr.state["exp_avg"], exp_avg_sq=pr.state["exp_avg_sq"], N=N)
+                     exp_avg=pr.state["exp_avg"], exp_avg_sq=pr.state["exp_avg_sq"], N=N,
+                     **({"limiter_norm": pr.state["limiter_norm"]} if limiting else {}))
                 for pr, N in zip(bucket, self.N)]
 
     def matches(self, bucket: list) -> bool:
@@ -643,8 +703,15 @@ class _GroupedBucket:
             self.hyper = hyper
 
     def prepare(self, bucket: list) -> None:
-        """Before the launches: current betas/eps, and the tables pointed at this step's gradients."""
+        """Before the launches: current betas/eps, which limiter norms hold an earlier step's, and the tables
+        pointed at this step's gradients."""
         self.sync_hyper([pr.group for pr in bucket])
+        if self.rule is not None and self.rule[2]:
+            flags = [pr.has_previous for pr in bucket]
+            if flags != self.has_previous:
+                _no_capture(self.tables.device)
+                self.tables.set_has_previous(flags)
+                self.has_previous = flags
         grads = [pr.grad for pr in bucket]
         if (_capturing(self.tables.device)
                 and tuple((g.data_ptr(), g.stride()) for g in grads) != self.tables.grad_signature):

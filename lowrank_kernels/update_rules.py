@@ -22,19 +22,28 @@ reference packages' rules are defined: Fira's code handles std, reverse_std, lef
 picks its scaling axis from the weight's shape, which is the rank axis only under std (reverse_std
 breaks its broadcast); neither defines "full" (one r x r R has no channel axis of G).
 
-Backends: only "galore" on float moments has fused kernels (projection.fused_supported); every other
-rule, and ``state_dtype="int8"``, runs this reference math whatever the backend.
+Backends: the per-parameter fused kernels run only "galore" (projection.fused_supported). The whole-model
+step of backend "triton" (and "auto" on CUDA) runs every rule in its grouped kernels (lowrank_kernels/
+kernels/grouped.py) for left/right projections with float moments and a basis the kernels read (svd, rsvd,
+warm; Fira also needs orthonormal columns): :func:`grouped_supported`. Fira and FRUGAL read G a second time
+in the back-projection kernel (four passes over m x n instead of GaLore's three); APOLLO's update needs no
+back-projection GEMM. Everything else (``state_dtype="int8"``, "full" projections, other bases, backend
+"torch", whose bucketed path is GaLore's) runs this reference math per parameter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from . import quant, reference
 from .backends import step_function
-from .projection import PROJ_TYPES, fused_supported
+from .projection import FUSED_PROJECTORS, PROJ_TYPES, fused_supported, max_rank
 
-__all__ = ["UPDATE_RULES", "Rule", "run_step"]
+__all__ = ["UPDATE_RULES", "Rule", "run_step", "grouped_supported", "ORTHONORMAL_PROJECTORS"]
+
+# Bases with orthonormal columns: Fira's grouped limiter computes ||S|| in closed form from them (||P r|| =
+# ||r||); a basis without (APOLLO's "random") keeps Fira on the reference.
+ORTHONORMAL_PROJECTORS = ("svd", "rsvd", "warm", "dct")
 
 
 @dataclass(frozen=True)
@@ -85,3 +94,29 @@ def run_step(backend: str, group: dict, state: dict, weight, grad, P, Q, **hyper
     rule = UPDATE_RULES[group.get("update", "galore")]
     with quant.float_moments(state) as (m, v):
         rule.run(step_fn, weight, grad, P, Q, m, v, state, group, **hyper)
+
+
+def grouped_supported(group: dict, side: Optional[str] = None, shape: Optional[tuple] = None) -> bool:
+    """Can the whole-model step's grouped kernels (backend "triton") run this group's step?
+
+    Without ``side``: what the group alone decides (float moments; a basis the kernels read; any rule).
+    With ``side`` and the weight's 2-D ``shape``, for the rules other than "galore": a left or right
+    projection (the rules' kernels are one-sided), Fira on an orthonormal basis, and a rank below the
+    non-rank dimension, so that reference.norm_ratio's axis is the rank axis (the optimizer's 1 <= r <
+    min(m, n) guarantees it; checked anyway). Everything else takes the reference per parameter.
+    """
+    if group.get("state_dtype") == "int8":
+        return False
+    if "rank" not in group:
+        return True
+    projector = group.get("projector", "svd")
+    rule = group.get("update", "galore")
+    if projector not in FUSED_PROJECTORS or (rule == "fira" and projector not in ORTHONORMAL_PROJECTORS):
+        return False
+    if rule == "galore" or side is None:
+        return True
+    if side not in ("left", "right"):
+        return False
+    m, n = shape
+    # norm_ratio reduces dim 0 if N.shape[0] < N.shape[1] else 1: left N is r x n, right N is m x r
+    return max_rank(group) < n if side == "left" else max_rank(group) <= m

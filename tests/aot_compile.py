@@ -6,6 +6,7 @@ builds: tl.dot on tensor cores for every operand dtype, input_precision, the mas
 tile configs the launchers pick. Run without TRITON_INTERPRET (it would make triton.jit interpret).
 
     python tests/aot_compile.py        # prints one line per compiled kernel; exits 1 on any failure
+    python tests/aot_compile.py rule   # only the cases whose label contains "rule"
 """
 import os
 import sys
@@ -22,7 +23,9 @@ from lowrank_kernels.kernels import _launch  # noqa: E402
 from lowrank_kernels.kernels.adamw import BLOCK, _adamw_kernel  # noqa: E402
 from lowrank_kernels.kernels.backproject_update import _backproject_update_kernel  # noqa: E402
 from lowrank_kernels.kernels.grouped_backproject_update import _grouped_backproject_update_kernel  # noqa: E402
+from lowrank_kernels.kernels.grouped_int8_adam import BLOCKS_PER_PROGRAM, _grouped_int8_adam_kernel  # noqa: E402
 from lowrank_kernels.kernels.grouped_project_adam import _grouped_project_adam_kernel  # noqa: E402
+from lowrank_kernels.kernels.grouped_rule_scales import BLOCK_C, GAMMA, _grouped_rule_scales_kernel  # noqa: E402
 from lowrank_kernels.kernels.multi_tensor_adamw import BLOCK as MT_BLOCK  # noqa: E402
 from lowrank_kernels.kernels.multi_tensor_adamw import _multi_tensor_adamw_kernel  # noqa: E402
 from lowrank_kernels.kernels._tables import TL_DTYPE  # noqa: E402
@@ -38,6 +41,8 @@ M, N, R = 4096, 11008, 512  # a LLaMA-7B MLP weight at rank 512: the launchers' 
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    # constexprs with defaults (the update rules' flags) compile at their defaults unless a case sets them
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -89,7 +94,8 @@ def grouped_project_case(side, dtype, moments, aligned=True):
     layouts = dict(A_LAYOUT=(2 if side == "left" else 1) * unit, B_LAYOUT=unit, M_LAYOUT=unit, V_LAYOUT=unit,
                    N_LAYOUT=unit)
     cx, w, s = gemm_constexprs(I, J, K, dtype, DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[moments],
-                               V_DTYPE=TL_DTYPE[moments], ALIGNED=aligned, **layouts)
+                               V_DTYPE=TL_DTYPE[moments], ALIGNED=aligned, DIMS8=7 if aligned else 0,
+                               **layouts)
     return _grouped_project_adam_kernel, TABLES, cx, w, s
 
 
@@ -98,7 +104,7 @@ def grouped_update_case(side, weight, basis, aligned=True):
     unit = 1 if aligned else 0
     layouts = dict(W_LAYOUT=unit, A_LAYOUT=unit, B_LAYOUT=(1 if side == "left" else 2) * unit)
     cx, w, s = gemm_constexprs(M, N, R, basis, DTYPE=TL_DTYPE[basis], W_DTYPE=TL_DTYPE[weight], ALIGNED=aligned,
-                               **layouts)
+                               DIMS8=7 if aligned else 0, **layouts)
     return _grouped_backproject_update_kernel, TABLES, cx, w, s
 
 
@@ -106,6 +112,12 @@ def multi_tensor_adamw_case(dtype, aligned=True):
     cx = dict(W_DTYPE=TL_DTYPE[dtype], G_DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[dtype], V_DTYPE=TL_DTYPE[dtype],
               ALIGNED=aligned, BLOCK=MT_BLOCK, INTERPRETER=False)
     return _multi_tensor_adamw_kernel, TABLES, cx, 4, 1
+
+
+def int8_adam_case(projected, dtype, aligned=True):
+    cx = dict(X_DTYPE=TL_DTYPE[dtype], Y_DTYPE=TL_DTYPE[dtype], PROJECTED=projected, ALIGNED=aligned,
+              BLOCKS=BLOCKS_PER_PROGRAM, INTERPRETER=False)
+    return _grouped_int8_adam_kernel, dict(TABLES, maps_ptr=torch.float32), cx, 4, 1
 
 
 def grouped_cases():
@@ -123,16 +135,67 @@ def grouped_cases():
     for dtype in (bf16, fp32):
         k, p, cx, w, s = multi_tensor_adamw_case(dtype)
         yield f"multi_tensor_adamw {dtype}", k, p, cx, 90, w, s
+    for projected in (True, False):
+        k, p, cx, w, s = int8_adam_case(projected, bf16)
+        yield f"grouped_int8_adam {'projected' if projected else 'unprojected'} bf16", k, p, cx, 90, w, s
+    yield from rule_cases()
 
 
-def main() -> int:
+def must_pipeline(label: str, cx: dict) -> bool:
+    """The grouped GEMMs with every launch-wide hint (aligned operands, all dims multiples of 8) must compile
+    to a software-pipelined K loop; without DIMS8 their 2-byte bounds-masked loads were not (see
+    kernels/_grouped_device.py). (The per-parameter kernels are compiled here without triton's launch-time
+    divisibility specialisation, so they are not held to it.)"""
+    return label.startswith("grouped_") and bool(cx.get("ALIGNED")) and cx.get("DIMS8") == 7
+
+
+def pipelined(compiled) -> bool:
+    """Operands copied into shared memory asynchronously (cp.async groups): the K loop is pipelined."""
+    return "cp.async.commit_group" in compiled.asm["ptx"]
+
+
+def rule_cases():
+    """The update rules' variants (kernels/grouped.py rule=...): kernel (a)'s flags, kernel (s), kernel (b)'s
+    RULE constexpr, at LLaMA shapes in bf16 (and one fp32)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    flags = {"fira": dict(STORE_R=True, NORMS=True, GNORM=True), "frugal": dict(STORE_R=True),
+             "apollo": dict(NORMS=True, GNORM=True), "project-only": dict(ADAM=False)}
+    for arch, side, rule, dtype in ((90, "left", "fira", bf16), (90, "right", "fira", bf16),
+                                    (90, "right", "apollo", bf16), (90, "left", "frugal", bf16),
+                                    (90, "left", "project-only", bf16), (80, "left", "fira", bf16),
+                                    (90, "right", "fira", fp32)):
+        k, p, cx, w, s = grouped_project_case(side, dtype, dtype)
+        cx.update(flags[rule], RANK_AXIS=0 if side == "left" else 1)
+        yield f"rule grouped_project_adam {side} {rule} {dtype}", k, p, cx, arch, w, s
+    for arch, rule, tensorwise, limit, front, dtype in ((90, 1, False, True, False, bf16),
+                                                         (90, 2, False, True, True, bf16),
+                                                         (90, 2, True, False, False, bf16),
+                                                         (80, 1, False, True, False, bf16),
+                                                         (90, 1, False, True, False, fp32)):
+        cx = dict(DTYPE=TL_DTYPE[dtype], RULE=rule, TENSORWISE=tensorwise, LIMIT=limit, SCALE_FRONT=front,
+                  GAMMA_=GAMMA, BLOCK=BLOCK_C, INTERPRETER=False)
+        yield (f"rule grouped_rule_scales rule={rule} tensorwise={tensorwise} limit={limit} {dtype}",
+               _grouped_rule_scales_kernel, TABLES, cx, arch, 4, 1)
+    for arch, side, rule, dtype in ((90, "left", 1, bf16), (90, "right", 1, bf16), (90, "left", 2, bf16),
+                                    (90, "right", 2, bf16), (90, "left", 3, bf16), (90, "right", 3, bf16),
+                                    (80, "right", 1, bf16), (90, "left", 1, fp32)):
+        k, p, cx, w, s = grouped_update_case(side, dtype, dtype)
+        cx.update(RULE=rule, G_LAYOUT=1, SECOND=2 if side == "left" else 1, CHANNEL_AXIS=1 if side == "left" else 0,
+                  TENSORWISE=False)
+        yield f"rule grouped_backproject_update {side} rule={rule} {dtype}", k, p, cx, arch, w, s
+
+
+def main(only: str = "") -> int:
     failures = total = 0
     for label, kernel, ptrs, cx, arch, warps, stages in cases():
+        if only not in label:
+            continue
         start = time.perf_counter()
         total += 1
         try:
             compiled = compile_kernel(kernel, ptrs, cx, arch, warps, stages)
             assert compiled.asm.get("cubin"), "no cubin produced"
+            assert pipelined(compiled) or not must_pipeline(label, cx), "the K loop is not software-pipelined"
             print(f"ok     sm_{arch} {label} ({time.perf_counter() - start:.1f} s)", flush=True)
         except Exception as exc:  # report every failure, then fail
             failures += 1
@@ -142,4 +205,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ""))

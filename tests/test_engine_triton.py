@@ -115,7 +115,7 @@ def test_triton_whole_model_step_matches_torch(monkeypatch):
 
 def test_engine_table_is_the_kernels_scalars_layout():
     assert len(engine.SCALAR_COLUMNS) == _tables.SCALAR_COLUMNS
-    assert engine.SCALAR_COLUMNS == ("step_size", "scale", "lr_weight_decay")
+    assert engine.SCALAR_COLUMNS == ("step_size", "scale", "lr_weight_decay", "residual_lr")
 
 
 # ---- launches ---------------------------------------------------------------------------------------------

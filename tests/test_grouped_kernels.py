@@ -72,7 +72,7 @@ def run_projected(side, dtype, moment_dtype, spec=SMALL, steps=STEPS, seed=0):
     probs, twins = [p for p, _ in pairs], [t for _, t in pairs]
     start = [p["param"].clone() for p in probs]
     tables = grouped.build_projected_tables(probs, side)
-    scalars = torch.zeros(len(spec), 3, device=DEVICE)
+    scalars = torch.zeros(len(spec), 4, device=DEVICE)
     scale, lr = 0.25, LR[dtype]
     for t in range(1, steps + 1):
         if t > 1:  # fresh gradient tensors, as zero_grad(set_to_none=True) gives
@@ -81,7 +81,7 @@ def run_projected(side, dtype, moment_dtype, spec=SMALL, steps=STEPS, seed=0):
             grads = [p["grad"] for p in probs]
         lr_t = lr / t  # a schedule: the step size changes every step
         sizes = [reference.adam_step_size(lr_t, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, scale, lr_t * wd] for s, (*_, wd) in zip(sizes, spec)]))
+        scalars.copy_(torch.tensor([[s, scale, lr_t * wd, 0.0] for s, (*_, wd) in zip(sizes, spec)]))
         grouped.grouped_projected_step(tables, scalars, grads=grads)
         for twin, g, size, (*_, wd) in zip(twins, grads, sizes, spec):
             reference_step(side, twin, g, size, scale, lr_t, wd)
@@ -123,13 +123,40 @@ def test_grouped_projected_step_with_step_keywords_and_strided_weight():
     start = [t["param"].clone() for t in twins]
     tables = grouped.build_projected_tables(probs, "right")
     assert tables.kernels["backproject_update"].meta["W_LAYOUT"] == 1
-    scalars = torch.tensor([[0.05, 0.5, 0.01], [0.02, 0.5, 0.0]], device=DEVICE)
+    scalars = torch.tensor([[0.05, 0.5, 0.01, 0.0], [0.02, 0.5, 0.0, 0.0]], device=DEVICE)
     grouped.grouped_projected_step(tables, scalars, beta1=0.9, beta2=0.999, eps=1e-6)
-    for twin, (size, scale, decay) in zip(twins, scalars.tolist()):
+    for twin, (size, scale, decay, _) in zip(twins, scalars.tolist()):
         reference_step("right", twin, twin["grad"], size, scale, decay / 0.1, 0.1 if decay else 0.0)
     check(probs, twins, start, torch.float32, ["29x45", "50x33"])
     for (full, before), n in zip(around, (45, 33)):  # the columns around each view are untouched
         assert torch.equal(full[:, 0], before[:, 0]) and torch.equal(full[:, n + 1:], before[:, n + 1:])
+
+
+# Every extent a multiple of 8 but the third problem's n: the launches promise the compiler (DIMS8) the
+# multiples of 8 on the other axes only.
+ALIGNED8 = [
+    (48, 40, 8, False, False, (0.9, 0.999, 1e-6), 0.1),
+    (24, 64, 16, True, True, (0.8, 0.99, 1e-5), 0.0),
+    (32, 37, 8, False, True, (0.9, 0.999, 1e-6), 0.05),
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_dims_hint_covers_only_the_axes_every_problem_aligns(side):
+    """DIMS8 tells the compiled kernels which of I, J, K are multiples of 8 (so their bounds masks keep the
+    loads vectorised and the K loop pipelined on a GPU); a wrong bit would let a vector load cross a bound,
+    so it is set only where every problem of the launch agrees. The hinted kernels match the reference."""
+    gen = torch.Generator().manual_seed(5)
+    probs = [make_problem(side, m, n, r, s, cm, h, torch.float32, torch.float32, gen)[0]
+             for m, n, r, s, cm, h, _ in ALIGNED8]
+    tables = grouped.build_projected_tables(probs, side)
+    # (a): (I, J, K) = (r, n, m) left, (m, r, n) right; (b): (m, n, r); bits 1, 2, 4 = I, J, K; n = 37 misses
+    assert tables.kernels["project_adam"].meta["DIMS8"] == (1 | 4 if side == "left" else 1 | 2)
+    assert tables.kernels["backproject_update"].meta["DIMS8"] == 1 | 4
+    assert grouped.build_projected_tables(probs[:2], side).kernels["project_adam"].meta["DIMS8"] == 7
+    for spec in (ALIGNED8[:2], ALIGNED8):  # every hint, then a partial one
+        probs, twins, start = run_projected(side, torch.float32, torch.float32, spec=spec, steps=2)
+        check(probs, twins, start, torch.float32, [f"{side} {m}x{n} r={r}" for m, n, r, *_ in spec])
 
 
 ADAMW_SHAPES = [(1030,), (37, 29), (5,), (13, 7)]  # 1030: two 1024-element blocks, the second ragged
@@ -150,7 +177,7 @@ def test_multi_tensor_adamw_matches_reference(dtype):
         twins.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in prob.items()})
     start = [p["param"].clone() for p in probs]
     tables = grouped.build_adamw_tables(probs)
-    scalars = torch.zeros(len(probs), 3, device=DEVICE)
+    scalars = torch.zeros(len(probs), 4, device=DEVICE)
     for t in range(1, STEPS + 1):
         grads = []
         for p in probs:
@@ -160,7 +187,7 @@ def test_multi_tensor_adamw_matches_reference(dtype):
             grads.append(torch.empty_like(p["param"]).copy_(values))  # in the parameter's layout
         lr = LR[dtype] / t
         sizes = [reference.adam_step_size(lr, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, 1.0, lr * wd] for s, wd in zip(sizes, wds)]))
+        scalars.copy_(torch.tensor([[s, 1.0, lr * wd, 0.0] for s, wd in zip(sizes, wds)]))
         grouped.grouped_adamw_step(tables, scalars, grads=grads)
         for twin, g, size, wd in zip(twins, grads, sizes, wds):
             reference.galore_step(twin["param"], g, None, None, twin["exp_avg"], twin["exp_avg_sq"],
@@ -207,7 +234,7 @@ def buckets(spec, dtype, gen):
 
 def step_all(tables):
     for t in tables:
-        scalars = torch.full((t.num_problems, 3), 0.01, device=DEVICE)
+        scalars = torch.full((t.num_problems, 4), 0.01, device=DEVICE)
         step = grouped.grouped_projected_step if t.kind == "projected" else grouped.grouped_adamw_step
         step(t, scalars)
 
@@ -251,7 +278,7 @@ def test_launch_path_never_synchronises():
 
     gen = torch.Generator().manual_seed(5)
     tables = buckets(SMALL[:2], torch.float32, gen)
-    scalars = [torch.full((t.num_problems, 3), 0.01, device=DEVICE) for t in tables]
+    scalars = [torch.full((t.num_problems, 4), 0.01, device=DEVICE) for t in tables]
     grads = [[p["grad"].clone() for p in t.problems] for t in tables]  # moved gradients: tables refreshed
     with Watch() as watch:
         for t, s, g in zip(tables, scalars, grads):
@@ -292,22 +319,22 @@ def test_grouped_errors_are_raised_before_anything_changes():
     with pytest.raises(ValueError, match="for every problem or for none"):
         grouped.build_projected_tables([probs[0], {k: v for k, v in probs[1].items() if k != "eps"}], "left")
     tables = grouped.build_projected_tables(probs, "left")
-    with pytest.raises(ValueError, match=r"scalars must be a contiguous float32 tensor of shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"scalars must be a contiguous float32 tensor of shape \(2, 4\)"):
         grouped.grouped_projected_step(tables, torch.zeros(2, 2, device=DEVICE))
     with pytest.raises(ValueError, match="do not pass them"):
-        grouped.grouped_projected_step(tables, torch.zeros(2, 3, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
+        grouped.grouped_projected_step(tables, torch.zeros(2, 4, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
     with pytest.raises(ValueError, match="new gradient"):
-        grouped.grouped_projected_step(tables, torch.zeros(2, 3, device=DEVICE),
+        grouped.grouped_projected_step(tables, torch.zeros(2, 4, device=DEVICE),
                                        grads=[probs[0]["grad"], probs[0]["grad"]])
     with pytest.raises(TypeError, match="build_adamw_tables"):
-        grouped.grouped_adamw_step(tables, torch.zeros(2, 3, device=DEVICE))
+        grouped.grouped_adamw_step(tables, torch.zeros(2, 4, device=DEVICE))
     W = torch.zeros(6, 4, device=DEVICE)
     with pytest.raises(ValueError, match="one dense layout"):
         grouped.build_adamw_tables([dict(param=W, grad=W.T.contiguous().T, exp_avg=W.clone(), exp_avg_sq=W.clone())])
     for p, b in zip(probs, before):
         assert all(torch.equal(p[k], v) for k, v in b.items())
     empty = grouped.build_projected_tables([], "left")
-    grouped.grouped_projected_step(empty, torch.zeros(0, 3, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
+    grouped.grouped_projected_step(empty, torch.zeros(0, 4, device=DEVICE), beta1=0.9, beta2=0.9, eps=1e-8)
 
 
 # ---- GPU: larger shapes, launch count, CUDA graph --------------------------------------------------------
@@ -330,6 +357,19 @@ def test_grouped_projected_step_on_gpu(side, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fully_hinted_grouped_step_on_gpu(side):
+    """Every extent a multiple of 8 (DIMS8 = 7: vectorised, pipelined loads), none a multiple of the tiles:
+    the hinted masks must still stop exactly at each edge (LARGE's 250 x 1000 problem leaves one axis
+    unhinted, so this is the only GPU test of the full hint)."""
+    probs = [make_problem(side, m, n, r, s, cm, h, torch.bfloat16, torch.bfloat16, torch.Generator())[0]
+             for m, n, r, s, cm, h, _ in LARGE[:3]]
+    assert all(t.meta["DIMS8"] == 7 for t in grouped.build_projected_tables(probs, side).kernels.values())
+    probs, twins, start = run_projected(side, torch.bfloat16, torch.bfloat16, spec=LARGE[:3])
+    check(probs, twins, start, torch.bfloat16, [f"{side} {m}x{n} r={r}" for m, n, r, *_ in LARGE[:3]])
+
+
+@pytest.mark.gpu
 def test_one_launch_per_kernel_and_bucket_on_gpu(monkeypatch):
     assert_one_launch_per_kernel_and_bucket(monkeypatch, LARGE, torch.bfloat16)
 
@@ -343,7 +383,7 @@ def test_grouped_step_replays_in_a_cuda_graph():
              in LARGE]
     probs, twins = [p for p, _ in pairs], [t for _, t in pairs]
     tables = grouped.build_projected_tables(probs, "left")
-    scalars = torch.zeros(len(probs), 3, device=DEVICE)
+    scalars = torch.zeros(len(probs), 4, device=DEVICE)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up compiles outside the capture; zero step sizes change no W
@@ -358,7 +398,7 @@ def test_grouped_step_replays_in_a_cuda_graph():
     start = [p["param"].clone() for p in probs]
     for t in (2, 3):
         sizes = [reference.adam_step_size(1e-2 / t, p["beta1"], p["beta2"], t) for p in probs]
-        scalars.copy_(torch.tensor([[s, 0.25, 1e-2 / t * wd] for s, (*_, wd) in zip(sizes, LARGE)]))
+        scalars.copy_(torch.tensor([[s, 0.25, 1e-2 / t * wd, 0.0] for s, (*_, wd) in zip(sizes, LARGE)]))
         graph.replay()
         for twin, size, (*_, wd) in zip(twins, sizes, LARGE):
             reference_step("left", twin, twin["grad"], size, 0.25, 1e-2 / t, wd)

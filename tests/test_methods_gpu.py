@@ -113,3 +113,66 @@ def test_cuda_checkpoint_resumes_bit_exactly(name):
         opt2.step()
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- the update rules in the grouped whole-model kernels, compiled (tests/test_grouped_rules.py on CPU) -------
+GROUPED_RULES = ["fira", "frugal", "apollo", "apollo-mini"]
+# LLaMA-1B-like MLP and attention shapes (scaled down 2x): tall, wide and square; rank 128 spans rank tiles
+REALISTIC = [(1024, 2752, 128), (2752, 1024, 128), (1024, 1024, 128)]
+
+
+@pytest.mark.parametrize("rule", GROUPED_RULES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_grouped_rules_bf16_realistic_shapes(rule, side):
+    """bf16 grouped steps with the limiter triggered and a refresh, against update_rules' reference; the CPU
+    tests' bounds (test_grouped_rules.py's docstring)."""
+    pytest.importorskip("triton")
+    import test_grouped_rules as tgr
+    probs, twins, start = tgr.run_rule(rule, side, torch.bfloat16, tgr.GROWTH["grow"], shapes=REALISTIC, steps=3)
+    tgr.check_rule(rule, torch.bfloat16, probs, twins, start)
+
+
+@pytest.mark.parametrize("rule", GROUPED_RULES)
+def test_grouped_rules_optimizer_cuda_graph_replay(rule):
+    """GaLoreAdamW(backend="triton") with a rule, captured after two eager steps (the limiter flags settled):
+    replays match eager steps of a twin optimizer (fp32: the same kernels, so equal up to the device's
+    own nondeterminism, none here: no atomics)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    shapes = [(256, 384), (384, 256)]
+    rank = 1 if rule == "apollo-mini" else 16
+
+    def make():
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
+        return ps, GaLoreAdamW([{"params": ps, "rank": rank, "update": rule, "update_proj_gap": 1000}], lr=1e-3,
+                               backend="triton")
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    grads = [[torch.randn(s, device="cuda", generator=g) for s in shapes] for _ in range(5)]
+    ps_a, eager = make()
+    ps_b, graphed = make()
+    for t in range(5):
+        for p, gr in zip(ps_a, grads[t]):
+            p.grad = gr.clone()
+        eager.step()
+    static = [torch.zeros(s, device="cuda") for s in shapes]
+    for p, s in zip(ps_b, static):
+        p.grad = s
+    for t in range(2):  # eager: the refresh step, then the step whose limiter flags flip
+        for s, gr in zip(static, grads[t]):
+            s.copy_(gr)
+        graphed.step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        graphed.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in range(2, 5):
+        for s, gr in zip(static, grads[t]):
+            s.copy_(gr)
+        graphed.replay(graph)
+    torch.cuda.synchronize()
+    for a, b in zip(ps_a, ps_b):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -208,8 +208,8 @@ def test_fused_supported():
     assert not projection.fused_supported({"state_dtype": "int8"})
 
 
-@pytest.mark.parametrize("group", [dict(update="fira"), dict(update="apollo", projector="random"),
-                                   dict(state_dtype="int8")], ids=["fira", "apollo-random", "int8"])
+@pytest.mark.parametrize("group", [dict(update="frugal", proj_type="full"), dict(update="apollo", projector="random"),
+                                   dict(state_dtype="int8")], ids=["frugal-full", "apollo-random", "int8"])
 def test_unsupported_groups_run_the_reference_on_the_triton_backend(group):
     """backend="triton" (CPU, interpreter) on a group without kernels runs the reference: bit-identical."""
     pytest.importorskip("triton", reason="triton not installed")

@@ -23,6 +23,20 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
+def tile_coords(pid, I, J, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_I: tl.constexpr):
+    """Tile ``pid``'s (row, column) in the I x J tile grid: row-major, swizzled so that GROUP_I row-blocks
+    share each column panel of B while it is in L2."""
+    tiles_i = tl.cdiv(I, BLOCK_I)
+    tiles_j = tl.cdiv(J, BLOCK_J)
+    per_group = GROUP_I * tiles_j
+    first_i = (pid // per_group) * GROUP_I
+    group_rows = tl.minimum(tiles_i - first_i, GROUP_I)
+    pid_i = first_i + (pid % per_group) % group_rows
+    pid_j = (pid % per_group) // group_rows
+    return pid_i, pid_j
+
+
+@triton.jit
 def tile_matmul(pid, a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
                 PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
@@ -33,15 +47,26 @@ def tile_matmul(pid, a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, str
     runs here: the kernels' epilogues are nonlinear, so K is never split across programs. A per-parameter
     kernel passes its program id; a grouped kernel passes the tile's index within its problem.
     """
-    # Grouped tile order: GROUP_I row-blocks share each column panel of B while it is in L2.
-    tiles_i = tl.cdiv(I, BLOCK_I)
-    tiles_j = tl.cdiv(J, BLOCK_J)
-    per_group = GROUP_I * tiles_j
-    first_i = (pid // per_group) * GROUP_I
-    group_rows = tl.minimum(tiles_i - first_i, GROUP_I)
-    pid_i = first_i + (pid % per_group) % group_rows
-    pid_j = (pid % per_group) // group_rows
+    acc, _, _, offs_i, offs_j = tile_matmul_ext(pid, a_ptr, b_ptr, a_ptr, I, J, K, stride_ai, stride_ak,
+                                                stride_bk, stride_bj, BLOCK_I, BLOCK_J, BLOCK_K, GROUP_I,
+                                                PRECISION, INTERPRETER, 0, 0)
+    return acc, offs_i, offs_j
 
+
+@triton.jit
+def tile_matmul_ext(pid, a_ptr, b_ptr, x_ptr, I, J, K, stride_ai, stride_ak, stride_bk, stride_bj,
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr,
+                    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, SECOND: tl.constexpr,
+                    SQUARES: tl.constexpr):
+    """tile_matmul with two optional extras, for the update rules (both 0: exactly tile_matmul's loop).
+
+    SECOND: a second accumulator sharing one operand's loads: 1: X B (X replaces A, with A's strides),
+    2: A X (X replaces B, with B's strides); Fira's P N and P R (left) or N Q^T and R Q^T (right).
+    SQUARES: fp32 sums of squares over K of A's rows (1: a BLOCK_I vector) or of B's columns (2: a BLOCK_J
+    vector), from the loads the dot already makes (the gradient's channel norms, no extra pass over G).
+    Returns (acc, acc2, squares, offs_i, offs_j); the unused extras are 0.
+    """
+    pid_i, pid_j = tile_coords(pid, I, J, BLOCK_I, BLOCK_J, GROUP_I)
     # int64 offsets: a large weight (an embedding) has more than 2^31 elements.
     offs_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
     offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
@@ -50,19 +75,55 @@ def tile_matmul(pid, a_ptr, b_ptr, I, J, K, stride_ai, stride_ak, stride_bk, str
     mask_j = offs_j < J
     a_ptrs = a_ptr + offs_i[:, None] * stride_ai + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
+    if SECOND == 1:
+        x_ptrs = x_ptr + offs_i[:, None] * stride_ai + offs_k[None, :] * stride_ak
+    elif SECOND == 2:
+        x_ptrs = x_ptr + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
+    else:
+        x_ptrs = x_ptr
 
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    if SECOND != 0:
+        acc2 = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    else:
+        acc2 = 0.0
+    if SQUARES == 1:
+        squares = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    elif SQUARES == 2:
+        squares = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    else:
+        squares = 0.0
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_i[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_j[None, :], other=0.0)
+        a_mask = mask_i[:, None] & (offs_k[None, :] < k_left)
+        b_mask = (offs_k[:, None] < k_left) & mask_j[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if INTERPRETER:  # its bf16 dot is wrong; fp32 products of 16-bit values are exact
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc += tl.dot(a, b, input_precision=PRECISION)
+        if SECOND == 1:
+            x = tl.load(x_ptrs, mask=a_mask, other=0.0)
+            if INTERPRETER:
+                x = x.to(tl.float32)
+            acc2 += tl.dot(x, b, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_ak
+        elif SECOND == 2:
+            x = tl.load(x_ptrs, mask=b_mask, other=0.0)
+            if INTERPRETER:
+                x = x.to(tl.float32)
+            acc2 += tl.dot(a, x, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_bk
+        if SQUARES == 1:
+            a32 = a.to(tl.float32)
+            squares += tl.sum(a32 * a32, axis=1)
+        elif SQUARES == 2:
+            b32 = b.to(tl.float32)
+            squares += tl.sum(b32 * b32, axis=0)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    return acc, offs_i, offs_j
+    return acc, acc2, squares, offs_i, offs_j
 
 
 @triton.jit
@@ -74,9 +135,13 @@ def adam_moments(r, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     N comes from the moments as stored, like galore-torch's: with fp16 moments a small r^2 underflows V to
     0 and N = M / eps, and a step computed from the unrounded V would be a different step. The 1 - beta
     arguments are computed in double by the host and rounded once: 1 - fp32(0.999) would be 1.3e-5 off.
+    The fmas are torch's own rounding (``m.mul_(b1).add_(r, alpha=1-b1)`` is fma(1-b1, r, b1*m),
+    ``v.mul_(b2).addcmul_(r, r, value=1-b2)`` is fma((1-b2)*r, r, b2*v), measured on CPU): fp32 moments
+    come out bit-identical to the reference's, which 8-bit moments need (a code flips on one ulp at a
+    midpoint), and compiled triton could otherwise contract either product into the add.
     """
-    m = round_to(beta1 * m + one_minus_beta1 * r, M_DTYPE, INTERPRETER)
-    v = round_to(beta2 * v + one_minus_beta2 * r * r, V_DTYPE, INTERPRETER)
+    m = round_to(tl.fma(one_minus_beta1, r, beta1 * m), M_DTYPE, INTERPRETER)
+    v = round_to(tl.fma(one_minus_beta2 * r, r, beta2 * v), V_DTYPE, INTERPRETER)
     n = m.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps)
     return m, v, n
 
@@ -98,7 +163,8 @@ def decoupled_update(w, u, alpha, decay, HAS_DECAY: tl.constexpr):
 def adam_tile_epilogue(acc, offs_i, offs_j, I, J, m_ptr, v_ptr, n_ptr,
                        stride_mi, stride_mj, stride_vi, stride_vj, stride_ni, stride_nj,
                        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, INTERPRETER: tl.constexpr):
-    """Kernel (a)'s epilogue on one finished tile ``acc`` of R: update the moments in place, write N."""
+    """Kernel (a)'s epilogue on one finished tile ``acc`` of R: update the moments in place, write N.
+    Returns (R, N) in fp32, each rounded to the gradient's dtype exactly as used/stored."""
     mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
     # R is defined in the gradient's dtype (galore-torch's P^T G returns it so): round once, then do the
     # moment math in fp32 whatever dtype the moments are stored in.
@@ -112,7 +178,9 @@ def adam_tile_epilogue(acc, offs_i, offs_j, I, J, m_ptr, v_ptr, n_ptr,
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
     n_ptrs = n_ptr + offs_i[:, None] * stride_ni + offs_j[None, :] * stride_nj
-    tl.store(n_ptrs, round_to(n, n_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    n = round_to(n, n_ptr.dtype.element_ty, INTERPRETER)
+    tl.store(n_ptrs, n, mask=mask)
+    return r, n.to(tl.float32)  # R and N as stored (the update rules' norms read these values)
 
 
 @triton.jit

@@ -24,7 +24,8 @@ from . import _launch
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 HYPER_COLUMNS = 5  # beta1, 1 - beta1, beta2, 1 - beta2, eps (fp32, by problem index)
-SCALAR_COLUMNS = 3  # step_size, scale, lr * weight_decay (fp32, by problem index)
+SCALAR_COLUMNS = 4  # step_size, scale, lr * weight_decay, residual_lr (fp32, by problem index)
+SCALAR_STRIDE = tl.constexpr(SCALAR_COLUMNS)  # the kernels' row stride in that table
 
 
 def tensor_signature(t: torch.Tensor) -> tuple:
@@ -69,6 +70,13 @@ def launch_layouts(operands: dict) -> dict:
     meta = {f"{name}_LAYOUT": layout(ops) for name, ops in operands.items()}
     meta["ALIGNED"] = all(aligned(ops, meta[f"{name}_LAYOUT"]) for name, ops in operands.items())
     return meta
+
+
+def dims_multiple_of_8(dims: list) -> int:
+    """The launch's DIMS8 from every problem's (I, J, K): bit 1, 2, 4 set where that dimension is a multiple
+    of 8 in all of them. The kernels' bounds masks then stay vectorisable, which their K loops need to be
+    pipelined (_grouped_device.row_dims); a problem with an odd dimension costs the launch only that hint."""
+    return sum(bit for axis, bit in enumerate((1, 2, 4)) if all(d[axis] % 8 == 0 for d in dims))
 
 
 def hyper_rows(values: list) -> torch.Tensor:

@@ -15,15 +15,30 @@ shape is chosen per orientation, so left and right are separate buckets):
 Unprojected problems (one dtype per key; param, grad and moments in one dense layout):
     dict(param=W, grad=G, exp_avg=M, exp_avg_sq=V, [beta1=, beta2=, eps=])
 
-``scalars``: a float32 tensor of shape (num_problems, 3) on the problems' device, row i for problem i:
+``scalars``: a float32 tensor of shape (num_problems, 4) on the problems' device, row i for problem i:
     column 0: step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)  (reference.adam_step_size)
     column 1: scale (galore's update scale; 1.0 for unprojected problems)
     column 2: lr * weight_decay (0 skips the decay, as the reference does at wd == 0)
+    column 3: residual_lr = lr * scale * inactive_lr_scale (rule "frugal"'s signSGD step; 0 otherwise)
 The kernels read it when they run, so the caller updates it in place on the device (a CUDA graph replays
 with the new values). Per-problem beta1, beta2, eps live in a (num_problems, 5) fp32 device table
 [beta1, 1 - beta1, beta2, 1 - beta2, eps] built from the problems (so a bucket may span param groups), or
 from the step's beta1/beta2/eps keywords (one table per distinct triple, built on first use: warm up before
 capturing a graph).
+
+Update rules (``build_projected_tables(..., rule=)``, one per bucket; lowrank_kernels.update_rules):
+    "galore"       kernel (a), kernel (b): three passes over m x n (read G; read W, write W)
+    "fira"         kernel (a) also writes R and the norm partials (sums of squares of N and R along the
+                   rank axis per tile, of G's channels from the GEMM's own loads); kernel (s)
+                   (grouped_rule_scales.py, one small program per problem) turns them into the channel
+                   factors ratio / limiter and the new limiter norm, ||S|| in closed form; kernel (b)
+                   back-projects N and R together and adds f (G - s P R): four passes (G read twice)
+    "frugal"       kernel (a) also writes R; kernel (b) applies residual_lr * sign(G - P R) first, then
+                   the GaLore update (scalars column 3): four passes
+    "apollo"(-mini) kernel (a) writes the norm partials; kernel (s); kernel (b) without a GEMM: W -= step
+                   * f * G (channel or tensor factor, sqrt(scale) folded in): four passes
+No fifth pass: the norms come from small partials. Limiting rules carry each problem's ``limiter_norm``
+(its state tensor, written by kernel (s)) and whether it holds a previous norm (``set_has_previous``).
 
 "full" projection (P and Q) is not grouped: the caller steps it with kernels.galore_step, whose small
 matmuls (P^T G, P N) come between the two kernels; it is rare (galore's default is "std").
@@ -47,8 +62,8 @@ from typing import Optional
 
 import torch
 
-from . import _launch, grouped_backproject_update, grouped_project_adam, multi_tensor_adamw
-from ._tables import KernelTable, check_problems, check_scalars, common_dtype, hyper_rows, problem_hyper, \
+from . import _launch, grouped_backproject_update, grouped_project_adam, grouped_rule_scales, multi_tensor_adamw
+from ._tables import check_problems, check_scalars, common_dtype, hyper_rows, problem_hyper, \
     tensor_signature
 
 __all__ = ["GroupedTables", "build_projected_tables", "grouped_projected_step", "build_adamw_tables",
@@ -70,7 +85,8 @@ def tile_configs(side: str, m: int, n: int, r: int, dtype: torch.dtype) -> tuple
 
 def projected_signature(problems: list) -> tuple:
     """What the tables depend on besides gradients: every tensor's address, shape, strides and dtype."""
-    return tuple(tensor_signature(p[k]) for p in problems for k in PROJECTED_KEYS if k != "grad")
+    return tuple(tensor_signature(p[k]) for p in problems for k in PROJECTED_KEYS + ("limiter_norm",)
+                 if k != "grad" and p.get(k) is not None)
 
 
 def adamw_signature(problems: list) -> tuple:
@@ -89,6 +105,7 @@ class GroupedTables:
     kernels: dict                   # kernel name -> KernelTable
     hyper: Optional[torch.Tensor]   # (P, 5) fp32 per-problem table, if the problems carry beta1/beta2/eps
     grad_signature: tuple = ()
+    rule: str = "galore"            # the projected problems' update rule (update_rules' names)
     _uniform_hyper: dict = field(default_factory=dict)
 
     def matches(self, problems: list) -> bool:
@@ -109,6 +126,9 @@ class GroupedTables:
                                  f"from the tables' {p['grad'].dtype} {tuple(p['grad'].shape)} on {self.device}")
         if self.kind == "projected":
             grouped_project_adam.refresh_grads(self.kernels["project_adam"], self.side, self.problems, grads)
+            if self.rule != "galore":  # the rules read G again in the back-projection kernel
+                grouped_backproject_update.refresh_grads(self.kernels["backproject_update"], self.side,
+                                                         self.problems, grads)
         else:
             multi_tensor_adamw.refresh_grads(self.kernels["adamw"], self.problems, grads)
         self.problems = [dict(p, grad=g) for p, g in zip(self.problems, grads)]
@@ -132,6 +152,14 @@ class GroupedTables:
         rows = hyper_rows(values)
         self.hyper.copy_(rows.pin_memory() if self.hyper.is_cuda else rows, non_blocking=True)
 
+    def set_has_previous(self, flags: list) -> None:
+        """The limiting rules (fira; apollo unless disable_nl): which problems' ``limiter_norm`` holds an
+        earlier step's norm (problem order; without one the limiter only records). Rewritten in place
+        without blocking the host."""
+        if "rule_scales" not in self.kernels or len(flags) != self.num_problems:
+            raise ValueError("set_has_previous needs tables of a limiting rule and one flag per problem")
+        grouped_rule_scales.set_has_previous(self.kernels["rule_scales"], flags)
+
     def hyper_table(self, beta1, beta2, eps) -> torch.Tensor:
         given = [x is not None for x in (beta1, beta2, eps)]
         if any(given) and not all(given):
@@ -154,14 +182,27 @@ def _common(problems: list, keys: tuple) -> tuple:
     return device, dtypes
 
 
-def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True) -> GroupedTables:
+def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True, rule: str = "galore",
+                           scale_front: bool = False, limit: bool = True) -> GroupedTables:
     """Tables for one (dtype, orientation) bucket of projected problems (see the module docstring).
 
     ``fill_sms=False``: tiles follow the largest problem only, never the GPU's SM count (see tile_configs).
+
+    ``rule``: the update rule (lowrank_kernels.update_rules; "galore" by default), one per bucket: "fira",
+    "frugal", "apollo", "apollo-mini". Their scratch (R, the norm partials, the channel factors) is
+    allocated here. The limiting rules (fira always; apollo and apollo-mini with ``limit``, i.e. not
+    disable_nl; ``scale_front`` as apollo-torch's) need each problem's ``limiter_norm`` (a 0-d tensor in
+    the gradient's dtype, the parameter's state entry, rewritten by the step) and ``has_previous`` (does it
+    hold an earlier step's norm; see GroupedTables.set_has_previous). Fira's closed-form limiter norm
+    assumes bases with orthonormal columns (kernels/grouped_rule_scales.py); the rules' channel axis is
+    the non-rank one, so r must be below the other dimension (reference.norm_ratio's choice).
     """
     if side not in SIDES:
         raise ValueError(f"side must be 'left' or 'right' (full projections are stepped one by one); got {side!r}")
+    if rule not in grouped_backproject_update.RULES:
+        raise ValueError(f"rule must be one of {sorted(grouped_backproject_update.RULES)}; got {rule!r}")
     device, dtypes = _common(problems, PROJECTED_KEYS)
+    limiting = rule == "fira" or (rule.startswith("apollo") and limit)
     for i, p in enumerate(problems):
         if any(p[k].dim() != 2 for k in PROJECTED_KEYS):
             raise ValueError(f"problem {i}: every tensor must be 2-D; got shapes "
@@ -173,6 +214,14 @@ def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True) 
         low = (r, n) if side == "left" else (m, r)
         for k in ("exp_avg", "exp_avg_sq", "N"):
             _launch.check_shape(f"problem {i}: {k}", p[k], low)
+        if rule != "galore" and r >= (n if side == "left" else m):
+            raise ValueError(f"problem {i}: rule {rule!r} scales the channels of the non-rank axis; rank {r} "
+                             f"must be below {n if side == 'left' else m}")
+        norm = p.get("limiter_norm")
+        if limiting and (not isinstance(norm, torch.Tensor) or norm.dim() != 0 or norm.dtype != p["grad"].dtype
+                         or norm.device != device):
+            raise ValueError(f"problem {i}: rule {rule!r} limits the norm growth: it needs limiter_norm, a 0-d "
+                             f"{p['grad'].dtype} tensor on {device}")
     if problems:
         for k in ("basis", "N"):
             if dtypes[k] != dtypes["grad"]:
@@ -181,13 +230,39 @@ def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True) 
     kernels = {}
     if problems:
         sms = None if fill_sms else 0
-        kernels["project_adam"] = grouped_project_adam.build(side, problems, device, dtypes["grad"],
-                                                             dtypes["exp_avg"], dtypes["exp_avg_sq"], sms)
-        kernels["backproject_update"] = grouped_backproject_update.build(side, problems, device, dtypes["grad"],
-                                                                         dtypes["param"], sms)
+        if rule != "galore":
+            problems = _with_scratch(problems, side, rule, device, dtypes["grad"], sms)
+        norms = rule in ("fira", "apollo", "apollo-mini")
+        kernels["project_adam"] = grouped_project_adam.build(
+            side, problems, device, dtypes["grad"], dtypes["exp_avg"], dtypes["exp_avg_sq"], sms,
+            store_r=rule in ("fira", "frugal"), norms=norms, gnorm=norms)
+        if norms:
+            kernels["rule_scales"] = grouped_rule_scales.build(
+                problems, device, dtypes["grad"], rule="fira" if rule == "fira" else "apollo",
+                tensorwise=rule == "apollo-mini", limit=limiting, scale_front=scale_front)
+        kernels["backproject_update"] = grouped_backproject_update.build(
+            side, problems, device, dtypes["grad"], dtypes["param"], sms, rule=rule,
+            tensorwise=rule == "apollo-mini")
     return GroupedTables("projected", side, device, len(problems), projected_signature(problems), list(problems),
                          kernels, None if hyper is None else hyper.to(device),
-                         tuple((p["grad"].data_ptr(), p["grad"].stride()) for p in problems))
+                         tuple((p["grad"].data_ptr(), p["grad"].stride()) for p in problems), rule)
+
+
+def _with_scratch(problems: list, side: str, rule: str, device, dtype, sms) -> list:
+    """The problems with the rule's scratch buffers: R (fira, frugal), the norm partials and the factors
+    (fira, apollo); sized by the projection kernel's tile config."""
+    cfg = grouped_project_adam.config(side, problems, dtype, device, sms)
+    out = []
+    for p in problems:
+        q = dict(p)
+        if rule in ("fira", "frugal"):
+            q["R"] = torch.empty_like(p["N"])
+        if rule != "frugal":
+            T, C = grouped_project_adam.work_shape(side, *p["grad"].shape, p["basis"].shape[1], cfg)
+            q.update(T=T, C=C, work=torch.zeros((2 * T + 1) * C, dtype=torch.float32, device=device),
+                     factor=torch.zeros(1 if rule == "apollo-mini" else C, dtype=torch.float32, device=device))
+        out.append(q)
+    return out
 
 
 def grouped_projected_step(tables: GroupedTables, scalars: torch.Tensor, *, beta1: Optional[float] = None,
@@ -207,6 +282,8 @@ def grouped_projected_step(tables: GroupedTables, scalars: torch.Tensor, *, beta
     if not tables.num_problems:
         return
     grouped_project_adam.launch(tables.kernels["project_adam"], hyper)
+    if "rule_scales" in tables.kernels:
+        grouped_rule_scales.launch(tables.kernels["rule_scales"], scalars)
     grouped_backproject_update.launch(tables.kernels["backproject_update"], scalars)
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _launch
 from ._device import adamw_elements
 from ._grouped_device import problem_row, row_pointer
-from ._tables import TL_DTYPE, KernelTable
+from ._tables import SCALAR_STRIDE, TL_DTYPE, KernelTable
 
 BLOCK = 1024
 # Row layout (int64): W, G, M, V addresses; numel; the problem's index and its first block.
@@ -40,7 +40,7 @@ def _multi_tensor_adamw_kernel(
     v_ptr = row_pointer(row, _V, V_DTYPE, ALIGNED)
     index = tl.load(row + _INDEX)
     hyper = hyper_ptr + index * 5  # [beta1, 1 - beta1, beta2, 1 - beta2, eps]
-    scalars = scalars_ptr + index * 3  # [step_size, scale, lr * weight_decay]
+    scalars = scalars_ptr + index * SCALAR_STRIDE  # [step_size, scale, lr * weight_decay, ...]
     # int64 offsets: an embedding can have more than 2^31 elements.
     offs = (tl.program_id(0) - tl.load(row + _FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     adamw_elements(w_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs < tl.load(row + _NUMEL),
