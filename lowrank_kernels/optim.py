@@ -1,6 +1,7 @@
 """``GaLoreAdamW``: a drop-in for ``galore_torch.GaLoreAdamW`` with safe checkpoints and clear errors."""
 from __future__ import annotations
 
+import weakref
 from itertools import chain
 from typing import Callable, Iterable, NamedTuple, Optional
 
@@ -55,7 +56,8 @@ class _Record:
 
     def __init__(self, opt, group: dict, i: int, p: torch.Tensor, index: int):
         self.p, self.group, self.i, self.index = p, group, i, index
-        self.label = _Label(lambda: opt._param_label(group, i, p))
+        owner = weakref.ref(opt)  # not opt itself: the optimizer holds its records, and a cycle would keep
+        self.label = _Label(lambda: owner()._param_label(group, i, p))  # its state alive after `del opt`
         self.dtensor = fsdp.is_dtensor(p)  # a tensor's Python class never changes
         self.checked = self.side = None
 

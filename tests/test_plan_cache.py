@@ -174,3 +174,27 @@ def test_the_bucket_runner_is_what_ran():
     finally:
         engine._run_bucket_torch = original
     assert seen == ["right"]
+
+
+def test_the_caches_keep_no_reference_cycle():
+    """`del opt` frees the optimizer (and its state) at once, without waiting for the cyclic GC: its caches
+    must not point back at it (a parameter's label holds it weakly)."""
+    import gc
+    import weakref
+
+    model, opt = trained()
+    fresh_grads(model)
+    opt.step()
+    with pytest.raises(ValueError, match=r"parameter #\d+ \(shape"):  # the labels still name parameters
+        opt.param_groups[1]["rank"] = 100
+        fresh_grads(model)
+        opt.step()
+    owner = weakref.ref(opt)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del opt
+        assert owner() is None
+    finally:
+        if enabled:
+            gc.enable()
