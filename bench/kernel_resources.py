@@ -24,7 +24,6 @@ import tempfile
 
 import torch
 import triton
-import triton.language as tl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -128,7 +127,6 @@ def cases():
 def specialised(kernel, ptrs: dict, cx: dict, ints: dict):
     """Compile a per-parameter kernel as triton's launcher would for these tensors: an int argument equal to 1
     becomes a constant, one divisible by 16 and every (aligned) pointer is marked so (tt.divisibility)."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     cx = {**cx, **{k: 1 for k, v in ints.items() if v == 1}}
     signature, attrs = {}, {}

@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 
 import torch
 
 from common import environment
-from lowrank_kernels.demo.__main__ import demo
+from lowrank_kernels.demo.__main__ import demo, new_plot, save_plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = ("adamw", "ours", "ours-fira", "ours-frugal", "ours-apollo", "ours-apollo-mini", "ours-dct",
@@ -31,12 +30,9 @@ def number(text: str) -> float:
 
 
 def plot(summary: list, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = new_plot(figsize=(7.5, 4.8))
     markers = "osD^vP*Xh<>"
     for i, row in enumerate(summary):  # a legend, not inline labels: equal-memory points overlap
         x, y = row["optimizer-state bytes"] / 2**20, row["eval loss, mean"]
@@ -48,11 +44,7 @@ def plot(summary: list, path: str, title: str) -> None:
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("optimizer-state memory (MiB, log scale)")
     ax.set_ylabel("eval loss (mean over seeds; bars: min to max)")
-    ax.set_title(textwrap.fill(title, 110), fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, title, width=110, legend_size=7)
 
 
 def main() -> None:

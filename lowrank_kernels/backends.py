@@ -16,6 +16,7 @@ that cannot run a parameter raises before any parameter is updated.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Callable
 
@@ -31,7 +32,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def triton_status() -> tuple[bool, str]:
     """(True, "ok") when the Triton kernels import; else (False, why)."""
     try:
-        from . import kernels  # noqa: F401
+        importlib.import_module(f"{__package__}.kernels")
     except ImportError as exc:
         return False, f"triton kernels unavailable: {exc}"
     return True, "ok"

@@ -52,6 +52,7 @@ counts only; :meth:`StepEngine.advance_host_counters` brings the host mirror alo
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from typing import Optional
 
@@ -101,19 +102,26 @@ class _Problem:
         self.weight, self.grad, self.write_back, self.side = p, p.grad, None, None
         self.P = self.Q = self.route = self.has_previous = None
         if "rank" in group:
-            m, n = projection.matrix_shape(p.shape)
-            if p.dim() > 2:
+            shape = p.shape
+            m, n, self.side = _layout(group["proj_type"], shape)
+            if len(shape) > 2:
                 self.grad = self.grad.reshape(m, n)
                 try:
                     self.weight = p.view(m, n)
                 except RuntimeError:  # e.g. a channels_last conv weight: update a copy, write it back
                     self.weight = p.reshape(m, n).clone()
                     self.write_back = p
-            self.side = projection.orientation(group["proj_type"], m, n)
         moments = self.state.get("exp_avg")
         mdtype = moments.dtype if moments is not None else (STATE_DTYPES[group.get("state_dtype")]
                                                            or self.grad.dtype)
         self.key = (p.device, p.dtype, self.side, mdtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(proj_type: str, shape: torch.Size) -> tuple:
+    """(m, n, orientation) of a projected parameter of ``shape`` (cached: per parameter, per step)."""
+    m, n = projection.matrix_shape(shape)
+    return m, n, projection.orientation(proj_type, m, n)
 
 
 def _runner(backend: str, tensor: torch.Tensor) -> str:
@@ -243,9 +251,13 @@ class StepEngine:
         # bucketed math does not cover (int8 moments, random and dct bases: update_rules.grouped_supported;
         # the rules other than galore wherever the grouped kernels do not run them: _rule_route) takes the
         # per-parameter path, whose math is update_rules'.
-        own = [item for item in work if fsdp.is_dtensor(item[1]) or not update_rules.grouped_supported(item[0])]
-        work = [item for item in work if not (fsdp.is_dtensor(item[1]) or
-                                             not update_rules.grouped_supported(item[0]))]
+        supported = {}  # id(group): update_rules.grouped_supported(group), asked once per group
+        for item in work:
+            if id(item[0]) not in supported:
+                supported[id(item[0])] = update_rules.grouped_supported(item[0])
+        apart = [not supported[id(item[0])] or fsdp.is_dtensor(item[1]) for item in work]
+        own = [item for item, alone in zip(work, apart) if alone]
+        work = [item for item, alone in zip(work, apart) if not alone]
         problems = [_Problem(opt, group, p, index) for group, p, index, _, _ in work]
         runners, kept = {}, []
         for pr, item in zip(problems, work):  # choose (and check) every bucket's backend before anything changes
@@ -508,25 +520,30 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
     Problems with equal scalars share each foreach call (usually the whole bucket). ``device``: the
     bucket's (entry, start) in device mode, where the step sizes and decays are device tensors.
     """
-    runs = defaultdict(list)
+    runs: dict = {}
+    keys: dict = {}  # the run key of a (group, moment step): computed once, not per parameter
     for i, pr in enumerate(bucket):
-        g = pr.group
-        beta1, beta2 = g["betas"]
-        if device is None:
-            s = _host_scalars(pr)
-            runs[(beta1, beta2, g["eps"], s["scale"], s["step_size"], s["lr"], g["weight_decay"])].append(i)
-        else:
-            scale = float(g["scale"]) if side else 1.0
-            runs[(beta1, beta2, g["eps"], scale, None, None, g["weight_decay"] > 0.0)].append(i)
+        at = (id(pr.group), pr.moment_step)
+        key = keys.get(at)
+        if key is None:
+            key = keys[at] = _run_key(pr.group, side, pr.moment_step, device is None)
+        run = runs.get(key)
+        if run is None:
+            runs[key] = run = []
+        run.append(i)
+    # CPU, host mode: the foreach ops' scalar overloads wrap the scalar once per tensor (~1 us each); a 0-dim
+    # float64 tensor (what a Python float becomes) is read once and rounds exactly as the Python float
+    # does. (Not in device mode: that read is a _local_scalar_dense, which device mode promises never to do.)
+    scalar = _cpu_scalar if device is None and bucket[0].weight.device.type == "cpu" else float
     for (beta1, beta2, eps, scale, step_size, lr, wd), idx in runs.items():
         probs = [bucket[i] for i in idx]
         M = [pr.state["exp_avg"] for pr in probs]
         V = [pr.state["exp_avg_sq"] for pr in probs]
         R = _project(side, probs)
         # reference.adam_normalize
-        torch._foreach_mul_(M, beta1)
+        torch._foreach_mul_(M, scalar(beta1))
         torch._foreach_add_(M, R, alpha=1.0 - beta1)
-        torch._foreach_mul_(V, beta2)
+        torch._foreach_mul_(V, scalar(beta2))
         torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
         # reference.adam_normalize's eps rule: N in fp32 from the moments as stored, rounded once
         if M[0].dtype != torch.float32:
@@ -534,12 +551,16 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
         else:
             M32, V32 = M, V
         D = torch._foreach_sqrt(V32)
-        torch._foreach_add_(D, eps)
+        torch._foreach_add_(D, scalar(eps))
         N = torch._foreach_div(M32, D)
         if N[0].dtype != R[0].dtype:
             N = [n.to(r.dtype) for n, r in zip(N, R)]
         # reference.project_back (projected updates are always scaled) and reference.apply_update
-        U = N if side is None else torch._foreach_mul(_project_back(side, probs, N), scale)
+        if side is None:
+            U = N
+        else:
+            U = _project_back(side, probs, N)
+            torch._foreach_mul_(U, scalar(scale))  # U is this step's own product: scaled in place
         W = [pr.weight for pr in probs]
         if device is None:
             torch._foreach_add_(W, U, alpha=-step_size)
@@ -552,6 +573,33 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
             torch._foreach_addcmul_(W, U, _rows(entry.table[:, 0], rows), value=-1.0)
             if wd:
                 torch._foreach_addcmul_(W, W, _rows(entry.table[:, 2], rows), value=-1.0)
+
+
+def _run_key(group: dict, side: Optional[str], moment_step: int, host: bool) -> tuple:
+    """(beta1, beta2, eps, scale, step size, lr, decay) of a bucket run; in device mode the step size and
+    lr are device values (None) and only whether decay is on matters."""
+    beta1, beta2 = group["betas"]
+    scale = float(group["scale"]) if side else 1.0
+    if not host:
+        return (beta1, beta2, group["eps"], scale, None, None, group["weight_decay"] > 0.0)
+    lr = float(group["lr"])
+    step_size = reference.adam_step_size(lr, beta1, beta2, moment_step) if group["correct_bias"] else lr
+    return (beta1, beta2, group["eps"], scale, step_size, lr, group["weight_decay"])
+
+
+_CPU_SCALARS: dict = {}
+
+
+def _cpu_scalar(value: float) -> torch.Tensor:
+    """A 0-dim float64 CPU tensor of ``value``, cached (a step reuses the same few; nothing mutates them).
+    The key keeps the sign of a zero: 0.0 == -0.0, but adding them to -0.0 differs."""
+    key = (value, math.copysign(1.0, value))
+    tensor = _CPU_SCALARS.get(key)
+    if tensor is None:
+        if len(_CPU_SCALARS) >= 1024:
+            _CPU_SCALARS.clear()
+        tensor = _CPU_SCALARS[key] = torch.tensor(value, dtype=torch.float64)
+    return tensor
 
 
 def _rows(vector: torch.Tensor, rows: list) -> list:

@@ -211,7 +211,7 @@ def _load_cuda_ext() -> str:
                 "--no-build-isolation .")
     try:
         _preload_torch_cuda_linalg()
-        from . import _C  # noqa: F401  (importing runs TORCH_LIBRARY_IMPL(lowrank_kernels, CUDA, m))
+        importlib.import_module(f"{__package__}._C")  # importing runs TORCH_LIBRARY_IMPL(lowrank_kernels, CUDA, m)
     except (ImportError, OSError) as exc:
         return f"compiled extension failed to load: {exc}"
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NS}::rsvd", "CUDA"):

@@ -1,13 +1,14 @@
 """``GaLoreAdamW``: a drop-in for ``galore_torch.GaLoreAdamW`` with safe checkpoints and clear errors."""
 from __future__ import annotations
 
+import weakref
 from itertools import chain
 from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
 from . import projection, update_rules
-from .backends import BACKENDS, step_function
+from .backends import BACKENDS, interpreter_on, step_function
 from .checkpoint import prepare_load
 from .distributed import fsdp
 from .engine import StepEngine
@@ -41,6 +42,47 @@ class _Label:
 
     def __str__(self) -> str:
         return self.make()
+
+
+class _Record:
+    """What planning keeps about one parameter between steps (derived data: rebuilt when the groups change).
+
+    ``checked`` is the fingerprint under which the checks that read only the group, the backend and the
+    shapes, dtypes, devices and layouts of the parameter and its gradient last passed (None: never);
+    ``side`` the orientation they gave. Everything else (gradient present?, state fits?, refresh due?) is
+    checked at every step.
+    """
+    __slots__ = ("p", "group", "i", "index", "label", "dtensor", "checked", "side")
+
+    def __init__(self, opt, group: dict, i: int, p: torch.Tensor, index: int):
+        self.p, self.group, self.i, self.index = p, group, i, index
+        owner = weakref.ref(opt)  # not opt itself: the optimizer holds its records, and a cycle would keep
+        self.label = _Label(lambda: owner()._param_label(group, i, p))  # its state alive after `del opt`
+        self.dtensor = fsdp.is_dtensor(p)  # a tensor's Python class never changes
+        self.checked = self.side = None
+
+
+_SCALARS = (int, float, str, bool, type(None), torch.dtype)
+
+
+def _group_signature(group: dict) -> Optional[tuple]:
+    """Every hyperparameter of ``group`` as a comparable value (types included: 1 is not True), or None
+    when a value is not a plain scalar or a sequence of them (a tensor lr): such a group is checked at
+    every step. Two groups with equal signatures pass and fail the same checks."""
+    items = []
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, (tuple, list)):
+            if not all(type(v) in _SCALARS for v in value):
+                return None
+            value = (type(value), tuple((type(v), v) for v in value))
+        elif type(value) not in _SCALARS:
+            return None
+        else:
+            value = (type(value), value)
+        items.append((key, value))
+    return tuple(items)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -175,12 +217,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
         The position numbers parameters as state_dict does; it seeds rsvd refreshes and names a parameter
         in errors. Cached so that step_param, called once per parameter per step, stays O(1).
         """
+        return self._records()[0]
+
+    def _records(self) -> tuple:
+        """(positions, {param: _Record}, [_Record in position order]), rebuilt when the groups change."""
         key = tuple((id(g), len(g["params"])) for g in self.param_groups)
-        if getattr(self, "_positions_key", None) != key:
+        cached = self.__dict__.get("_records_cache")
+        if cached is None or cached[0] != key:
             flat = chain.from_iterable(((g, i, p) for i, p in enumerate(g["params"])) for g in self.param_groups)
-            self._positions_cache = {p: (g, i, pos) for pos, (g, i, p) in enumerate(flat)}
-            self._positions_key = key
-        return self._positions_cache
+            positions = {p: (g, i, pos) for pos, (g, i, p) in enumerate(flat)}
+            records = {p: _Record(self, g, i, p, pos) for p, (g, i, pos) in positions.items()}
+            cached = self.__dict__["_records_cache"] = (key, positions, records, list(records.values()))
+        return cached[1:]
 
     def _param_label(self, group: dict, index_in_group: int, p: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -188,47 +236,71 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return f"parameter {names[index_in_group]!r} (shape {tuple(p.shape)})"
         return f"parameter #{self._positions()[p][2]} (shape {tuple(p.shape)})"
 
-    def _check_group(self, group: dict) -> None:
-        """A group as edited since construction: fill the keys its choices read, then validate it."""
+    def _check_group(self, group: dict) -> tuple:
+        """A group as edited since construction: fill the keys its choices read, then validate it.
+
+        Returns the token of the group's validated values: the same object while they stay equal (then
+        nothing is re-validated: the plan's cache), a new one after any edit.
+        """
+        signature = _group_signature(group)
+        checked = self.__dict__.setdefault("_group_checks", {})
+        hit = checked.get(id(group))  # (group, signature, token); the group is held, so its id stays its own
+        if signature is not None and hit is not None and hit[0] is group and hit[1] == signature:
+            return hit[2]
         fill_defaults(group, self.defaults)
         try:
             check_hyperparameters(group)
         except ValueError as exc:
             where = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
             raise ValueError(f"{exc} (param group {where}; nothing was updated)") from None
+        token = object()
+        if len(checked) > 4 * len(self.param_groups) + 16:  # groups dropped by load_state_dict
+            checked.clear()
+        checked[id(group)] = (group, _group_signature(group), token)
+        return token
 
-    def _plan_param(self, group: dict, i: int, p: torch.Tensor, index: int) -> Optional[_Plan]:
+    def _plan_param(self, rec: _Record, token: object, backend_key: tuple) -> Optional[_Plan]:
         """Validate one parameter's step and return its plan (None without a gradient).
 
-        Mutates nothing, so an error leaves weights and state exactly as they were.
+        Mutates nothing (but ``rec``'s cache), so an error leaves weights and state exactly as they were.
+        The checks that read only the group (``token``), the backend (``backend_key``) and the shapes,
+        dtypes, devices and layouts of the parameter and its gradient run when one of those changed since
+        they last passed; the rest at every step.
         """
+        p = rec.p
         grad = p.grad
         if grad is None:
             return None
-        shape = p.shape  # (read once: tensor attributes cost ~0.5 us each, and this runs per parameter)
-        label = _Label(lambda: self._param_label(group, i, p))
-        if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
-            self._refuse_gradient(grad, p, label)
-        if fsdp.is_dtensor(p):  # an FSDP2 shard: its checks need collectives (distributed/fsdp.py)
+        group, label = rec.group, rec.label
+        shape = p.shape  # (read once: tensor attributes cost ~0.2 us each, and this runs per parameter)
+        if rec.dtensor:  # an FSDP2 shard: its checks need collectives (distributed/fsdp.py)
+            if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
+                self._refuse_gradient(grad, p, label)
             refresh, updates = fsdp.plan_param(self.state.get(p, {}), group, p, label.__str__)
-            return _Plan((group, p, index, refresh, updates), False, None, None, label,
+            return _Plan((group, p, rec.index, refresh, updates), False, None, None, label,
                          self.state.get(p, _NO_STATE).get("step", 0))
-        projected = "rank" in group
-        if projected:
-            check_projectable(p, projection.max_rank(group), label)
+        fingerprint = (token, backend_key, shape, grad.shape, grad.dtype, grad.layout, grad.device, p.dtype,
+                       p.device)
+        if fingerprint != rec.checked:
+            if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
+                self._refuse_gradient(grad, p, label)
+            if "rank" in group:
+                check_projectable(p, projection.max_rank(group), label)
+            try:
+                step_function(self.backend, p, grad)
+            except (RuntimeError, TypeError) as exc:
+                raise type(exc)(f"{label}: {str(exc).rstrip('.')}; nothing was updated") from None
+            rec.side = expected_side(group, shape)
+            rec.checked = fingerprint
         state = self.state.get(p, _NO_STATE)  # .get: planning must not create state entries
         made = check_state_fits(state, shape, label)
         # A parameter whose group changed structure since its state was made (proj_type now projects the
         # other side, rank added or removed) restarts: new basis, fresh moments, bias correction from here.
-        restart = made is not False and made != expected_side(group, shape)
+        restart = made is not False and made != rec.side
         refresh, updates = False, {}
-        if projected:
+        if rec.side is not None:
             grad2d = grad if len(shape) == 2 else grad.reshape(projection.matrix_shape(shape))
             refresh, updates = projection.refresh_due({} if restart else state, group, grad2d)
-        try:
-            step_function(self.backend, p, grad)
-        except (RuntimeError, TypeError) as exc:
-            raise type(exc)(f"{label}: {str(exc).rstrip('.')}; nothing was updated") from None
         # A NaN/Inf must never reach the SVD: it would fail or return a garbage basis. Elsewhere it would
         # enter the moments for good; check_finite refuses it there too (opt-in: a host sync per step).
         check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
@@ -238,7 +310,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if moments is not None and not restart:
             want = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
             recast = want if moments.dtype != want else None
-        return _Plan((group, p, index, refresh, updates), restart, recast, check, label, state.get("step", 0))
+        return _Plan((group, p, rec.index, refresh, updates), restart, recast, check, label, state.get("step", 0))
 
     @staticmethod
     def _refuse_gradient(grad: torch.Tensor, p: torch.Tensor, label) -> None:
@@ -251,26 +323,27 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _plan(self, params: Optional[list] = None) -> list:
         """Validate everything a step will touch before anything changes; return the work list."""
-        positions = self._positions()
+        _, by_param, ordered = self._records()
         if params is None:
-            for group in self.param_groups:
-                self._check_group(group)
-            params = positions
+            tokens = {id(group): self._check_group(group) for group in self.param_groups}
+            records = ordered
         else:
-            for p in params:
-                self._check_group(positions[p][0])
-        plans = [self._plan_param(g, i, p, pos) for p, (g, i, pos) in ((p, positions[p]) for p in params)]
+            records = [by_param[p] for p in params]
+            tokens = {id(rec.group): self._check_group(rec.group) for rec in records}
+        backend_key = (self.backend, interpreter_on() if self.backend == "triton" else None)
+        plans = [self._plan_param(rec, tokens[id(rec.group)], backend_key) for rec in records]
         plans = [plan for plan in plans if plan is not None]
         self._check_finite([plan for plan in plans if plan.check])
         for plan in plans:  # only now, with every check passed
-            state = self.state[plan.work[1]] if plan.restart or plan.recast else None
-            if plan.restart:
-                step = state.get("step", 0)
-                state.clear()
-                state.update(step=step, moment_start=step)
-            elif plan.recast:
-                for key in MOMENT_KEYS:
-                    state[key] = state[key].to(plan.recast)
+            if plan.restart or plan.recast:
+                state = self.state[plan.work[1]]
+                if plan.restart:
+                    step = state.get("step", 0)
+                    state.clear()
+                    state.update(step=step, moment_start=step)
+                else:
+                    for key in MOMENT_KEYS:
+                        state[key] = state[key].to(plan.recast)
         return [plan.work for plan in plans]
 
     @staticmethod

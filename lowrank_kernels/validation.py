@@ -16,7 +16,7 @@ import torch
 
 from .projection import (BASIS_KEYS, BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS,
                          PROJ_TYPES, PROJECTED_DEFAULTS, RANK_POLICIES, REFRESH_POLICIES, STATE_DTYPES,
-                         COMPACT_KEYS, lowrank_shape, matrix_shape, max_rank, orientation)
+                         COMPACT_KEYS, lowrank_shape, matrix_shape, orientation)
 from .update_rules import UPDATE_RULES
 
 __all__ = ["check_hyperparameters", "check_loaded_entry", "check_projectable", "check_state_fits",

@@ -2,7 +2,6 @@
 
 The state keeps a seed or r column numbers instead of the matrix; every step rebuilds the matrix.
 """
-import io
 import math
 
 import pytest
@@ -11,6 +10,8 @@ from torch import nn
 
 from lowrank_kernels import GaLoreAdamW, projection
 from lowrank_kernels.memory import state_bytes
+
+from helpers import resume
 
 
 # ---- random -------------------------------------------------------------------------------------------
@@ -119,18 +120,21 @@ def test_dct_energy_rank_counts_the_kept_energy():
     assert opt.state[w]["rank"] == 1 and opt.state[w]["proj_right_index"].tolist() == [3]
 
 
+def _mlp(**projected):
+    """A seeded 13 -> 29 -> 7 MLP and GaLoreAdamW: its two weights in a group with ``projected``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 29), nn.Tanh(), nn.Linear(29, 7))
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() != 2]
+    return model, GaLoreAdamW([{"params": others}, {"params": weights, **projected}], lr=1e-2)
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("projector", ["random", "dct"])
 @pytest.mark.parametrize("proj_type", ["std", "full"])
 def test_regenerated_bases_resume_bit_exactly(projector, proj_type):
     def make():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(13, 29), nn.Tanh(), nn.Linear(29, 7))
-        weights = [p for p in model.parameters() if p.dim() == 2]
-        others = [p for p in model.parameters() if p.dim() != 2]
-        opt = GaLoreAdamW([{"params": others}, {"params": weights, "rank": 3, "update_proj_gap": 3,
-                                                 "projector": projector, "proj_type": proj_type}], lr=1e-2)
-        return model, opt
+        return _mlp(rank=3, update_proj_gap=3, projector=projector, proj_type=proj_type)
 
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 13, generator=g), torch.randn(8, 7, generator=g)) for _ in range(8)]
@@ -145,13 +149,7 @@ def test_regenerated_bases_resume_bit_exactly(projector, proj_type):
     run(full, opt, data)
     first, opt1 = make()
     run(first, opt1, data[:4])  # the checkpoint sits between refreshes (steps 3 and 6)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buf)
-    buf.seek(0)
-    checkpoint = torch.load(buf, weights_only=True)
-    resumed, opt2 = make()
-    resumed.load_state_dict(checkpoint["model"])
-    opt2.load_state_dict(checkpoint["optim"])
+    resumed, opt2 = resume(make, first, opt1)
     run(resumed, opt2, data[4:])
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -164,12 +162,7 @@ def test_engine_equals_the_per_parameter_path(projector, proj_type):
     """The engine keeps the matrices of seeded / DCT bases between refreshes (StepEngine.basis); the per-
     parameter path rebuilds them every step from the state. Same bits, across refreshes and a rank change."""
     def run(per_parameter: bool):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(13, 29), nn.Tanh(), nn.Linear(29, 7))
-        weights = [p for p in model.parameters() if p.dim() == 2]
-        others = [p for p in model.parameters() if p.dim() != 2]
-        opt = GaLoreAdamW([{"params": others}, {"params": weights, "rank": 4, "update_proj_gap": 2,
-                                                 "projector": projector, "proj_type": proj_type}], lr=1e-2)
+        model, opt = _mlp(rank=4, update_proj_gap=2, projector=projector, proj_type=proj_type)
         opt._per_parameter_step = per_parameter
         g = torch.Generator().manual_seed(1)
         for step in range(7):

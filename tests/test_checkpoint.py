@@ -1,12 +1,11 @@
 """Checkpoints: plain tensors and values only, safe loading, exact resume across a basis refresh."""
-import io
 
 import pytest
 import torch
 
 from lowrank_kernels import GaLoreAdamW
 
-from helpers import ToyNet, batches, galore_groups, train
+from helpers import ToyNet, assert_same_state, batches, galore_groups, roundtrip, train
 
 PROJECTED = dict(rank=5, update_proj_gap=4, scale=0.25, proj_type="std")
 
@@ -16,13 +15,6 @@ def _make(projector, dtype=torch.float32, **extra):
     opt = GaLoreAdamW(galore_groups(model, projector=projector, **PROJECTED, **extra), lr=2e-3,
                       weight_decay=0.01, seed=123)
     return model, opt
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _plain(value):
@@ -39,7 +31,7 @@ def test_state_dict_is_plain_and_loads_with_weights_only(projector):
     train(model, opt, batches(3))
     sd = opt.state_dict()
     assert _plain(sd)
-    loaded = _roundtrip(sd)
+    loaded = roundtrip(sd)
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
@@ -58,7 +50,7 @@ def test_resume_is_bit_exact(projector, stop):
 
     first, opt1 = _make(projector)
     train(first, opt1, data[:stop])
-    checkpoint = _roundtrip({"model": first.state_dict(), "optim": opt1.state_dict()})
+    checkpoint = roundtrip({"model": first.state_dict(), "optim": opt1.state_dict()})
 
     resumed, opt2 = _make(projector)
     resumed.load_state_dict(checkpoint["model"])
@@ -144,24 +136,19 @@ def _trained_opt(**extra):
 
 
 def _assert_refused(opt, state_dict, match):
-    before = _roundtrip(opt.state_dict())
+    before = roundtrip(opt.state_dict())
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(state_dict)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"]
-    assert after["state"].keys() == before["state"].keys()
-    for idx, entry in before["state"].items():
-        assert after["state"][idx].keys() == entry.keys()
-        for key, value in entry.items():
-            got = after["state"][idx][key]
-            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+    assert_same_state(after, before)
 
 
 def _corrupt(**change):
     """A real checkpoint of the same setup, with the entry of parameter #7 (out.weight, 12x48: left side,
     P 12x5, moments 5x48) changed: a value replaces the key's, None deletes it."""
     _, source = _trained_opt()
-    sd = _roundtrip(source.state_dict())
+    sd = roundtrip(source.state_dict())
     entry = sd["state"][7]
     for key, value in change.items():
         if value is None:
@@ -274,7 +261,7 @@ def test_load_state_dict_hooks_see_the_moments():
 def test_loaded_state_does_not_alias_the_checkpoint():
     model, source = _trained_opt()
     sd = source.state_dict()
-    frozen = _roundtrip(sd)
+    frozen = roundtrip(sd)
     loaded_model, opt = _make("svd")
     opt.load_state_dict(sd)
     train(loaded_model, opt, batches(2, seed=3))
@@ -300,10 +287,8 @@ def test_galore_torch_checkpoint_is_converted_and_resumes_exactly(proj_type, sto
         warnings.simplefilter("ignore", FutureWarning)  # galore-torch's HF deprecation warning
         their_opt = galore_torch.GaLoreAdamW(galore_groups(theirs, **groups), lr=2e-3, weight_decay=0.01)
     train(theirs, their_opt, data[:stop])
-    buf = io.BytesIO()
-    torch.save({"model": theirs.state_dict(), "optim": their_opt.state_dict()}, buf)
-    buf.seek(0)
-    checkpoint = torch.load(buf, weights_only=False)  # galore-torch's state holds a projector object
+    # galore-torch's state holds a projector object: not weights_only
+    checkpoint = roundtrip({"model": theirs.state_dict(), "optim": their_opt.state_dict()}, weights_only=False)
 
     ours = ToyNet()
     our_opt = GaLoreAdamW(galore_groups(ours, **groups), lr=2e-3, weight_decay=0.01)
@@ -315,4 +300,4 @@ def test_galore_torch_checkpoint_is_converted_and_resumes_exactly(proj_type, sto
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         assert torch.equal(a, b), name
     # and our state is our own format: it saves and loads with weights_only=True
-    _roundtrip(our_opt.state_dict())
+    roundtrip(our_opt.state_dict())

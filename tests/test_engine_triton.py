@@ -33,7 +33,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 import test_engine as te  # noqa: E402
-from test_grouped_kernels import GROUPED_KERNELS, LaunchCounter  # noqa: E402
+from test_grouped_kernels import GROUPED_KERNELS, LaunchCounter, ordinary_launches  # noqa: E402
 from test_kernels import assert_change_matches, assert_moment_matches, rel_err  # noqa: E402
 
 from lowrank_kernels import GaLoreAdamW, engine  # noqa: E402
@@ -132,15 +132,7 @@ def llama(layers, dtype=torch.float32):
 
 
 def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch):
-    counts = {}
-    for layers in (2, 6):
-        model, opt = llama(layers)
-        builds = opt._engine().table_builds
-        counter = LaunchCounter(monkeypatch)
-        opt.step()
-        monkeypatch.undo()
-        counts[layers] = counter.counts
-        assert opt._engine().table_builds == builds  # cached across the ordinary step
+    counts = ordinary_launches(monkeypatch, llama, (2, 6))
     assert counts[2] == counts[6], counts
     assert set(counts[2]) == GROUPED_KERNELS and sum(counts[2].values()) <= 12, counts[2]
 

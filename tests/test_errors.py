@@ -1,5 +1,4 @@
 """Bad input gets a clear error and leaves weights and optimizer state untouched."""
-import copy
 import re
 
 import pytest
@@ -8,24 +7,7 @@ from torch import nn
 
 from lowrank_kernels import GaLoreAdamW
 
-from helpers import ToyNet, batches, galore_groups, train
-
-
-def _snapshot(model, opt):
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(model, opt, snap):
-    weights, sd = snap
-    for a, b in zip(model.parameters(), weights):
-        assert torch.equal(a, b)
-    now = opt.state_dict()
-    assert now["state"].keys() == sd["state"].keys()
-    for idx, entry in sd["state"].items():
-        assert now["state"][idx].keys() == entry.keys()
-        for key, value in entry.items():
-            got = now["state"][idx][key]
-            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+from helpers import ToyNet, assert_unchanged, batches, fresh_grads, galore_groups, snapshot, train, trained
 
 
 # ---- construction -----------------------------------------------------------------------------------
@@ -79,31 +61,18 @@ def test_invalid_hyperparameters_at_construction(kwargs, group, match):
 
 
 # ---- at step time: nothing changes ------------------------------------------------------------------
-def _trained(steps=2, **projected):
-    model = ToyNet()
-    opt = GaLoreAdamW(galore_groups(model, rank=4, update_proj_gap=3, **projected), lr=1e-2, weight_decay=0.1)
-    train(model, opt, batches(steps))
-    return model, opt
-
-
-def _fresh_grads(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
-
-
 @pytest.mark.parametrize("projector", ["svd", "rsvd"])
 def test_non_finite_gradient_at_refresh_raises_and_changes_nothing(projector):
-    model, opt = _trained(steps=3, projector=projector)  # step 3 is a refresh (gap 3)
-    _fresh_grads(model)
+    model, opt = trained(steps=3, projector=projector)  # step 3 is a refresh (gap 3)
+    fresh_grads(model)
     model.mid.weight.grad[2, 7] = float("nan")
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"non-finite gradient in parameter #\d+ \(shape \(48, 48\)\).*refresh"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
     # The caller skips the batch and carries on.
     opt.zero_grad()
-    _fresh_grads(model, seed=6)
+    fresh_grads(model, seed=6)
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.state[model.mid.weight]["step"] == 4
@@ -113,7 +82,7 @@ def test_non_finite_gradient_names_a_named_parameter():
     model = ToyNet()
     named = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
     opt = GaLoreAdamW([{"params": named, "rank": 4}])
-    _fresh_grads(model)
+    fresh_grads(model)
     model.inp.weight.grad[0, 0] = float("inf")
     with pytest.raises(RuntimeError, match=r"non-finite gradient in parameter 'inp.weight'"):
         opt.step()
@@ -121,13 +90,13 @@ def test_non_finite_gradient_names_a_named_parameter():
 
 
 def test_sparse_gradient_raises_and_changes_nothing():
-    model, opt = _trained()
-    _fresh_grads(model)
+    model, opt = trained()
+    fresh_grads(model)
     model.out.weight.grad = model.out.weight.grad.to_sparse()
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def test_complex_gradient_raises():
@@ -150,13 +119,13 @@ def test_complex_parameter_in_projected_group():
      ("update_proj_gap", 0, "update_proj_gap"), ("proj_type", "nope", "proj_type")],
 )
 def test_group_mutated_to_invalid_value_raises_at_step_and_changes_nothing(key, value, match):
-    model, opt = _trained()
+    model, opt = trained()
     opt.param_groups[1][key] = value
-    _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    fresh_grads(model)
+    snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=match):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def test_set_of_params_raises_type_error_as_torch_optim_does():
@@ -179,23 +148,23 @@ def test_rank_edited_too_large_raises_naming_the_parameter_and_changes_nothing(k
     opt = GaLoreAdamW([{"params": named, "rank": 4, "update_proj_gap": 3}], lr=1e-2)
     train(model, opt, batches(2))
     opt.param_groups[0][key] = value
-    _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    fresh_grads(model)
+    snap = snapshot(model, opt)
     match = r"rank=12 is too large for parameter 'out.weight'.*\(12, 48\)" if value == 12 else \
         r"rank=48 is too large for parameter 'inp.weight'" if value == 48 else "Invalid rank"
     with pytest.raises(ValueError, match=match):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def test_max_rank_edited_too_large_raises_and_changes_nothing():
-    model, opt = _trained(rank_policy="energy")
+    model, opt = trained(rank_policy="energy")
     opt.param_groups[1]["max_rank"] = 30  # >= min(m, n) = 12 for the 12x48 weight, = 16 for 48x16
-    _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    fresh_grads(model)
+    snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"rank=30 is too large .*shape \(48, 16\)"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 @pytest.mark.parametrize("key,choice,new_keys", [
@@ -205,7 +174,7 @@ def test_max_rank_edited_too_large_raises_and_changes_nothing():
 ])
 def test_policy_switched_later_gets_its_defaults(key, choice, new_keys):
     """A policy chosen by editing param_groups gets its keys' defaults at the next step, as at construction."""
-    model, opt = _trained(steps=2)
+    model, opt = trained(steps=2)
     group = opt.param_groups[1]
     assert not new_keys & group.keys()
     group[key] = choice
@@ -217,13 +186,13 @@ def test_policy_switched_later_gets_its_defaults(key, choice, new_keys):
 
 
 def test_policy_key_edited_to_invalid_raises_and_changes_nothing():
-    model, opt = _trained(refresh_policy="lazy")
+    model, opt = trained(refresh_policy="lazy")
     opt.param_groups[1]["patience"] = 0
-    _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    fresh_grads(model)
+    snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"Invalid patience: 0.*param group 1"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 def _side(state):
@@ -234,11 +203,11 @@ def _side(state):
 def test_proj_type_changed_mid_run_restarts_those_weights(new_type):
     """Documented rule: a weight whose projected side changes gets a new basis and fresh moments (its
     bias correction restarts) at the next step; weights whose side is unchanged carry on untouched."""
-    model, opt = _trained(steps=2)  # mid-gap (gap 3): no refresh due at the next step
+    model, opt = trained(steps=2)  # mid-gap (gap 3): no refresh due at the next step
     weights = [model.inp.weight, model.mid.weight, model.out.weight]
     before = {p: dict(opt.state[p]) for p in weights}
     opt.param_groups[1]["proj_type"] = new_type
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     for p in weights:
         m, n = p.shape
@@ -263,7 +232,7 @@ def test_proj_type_changed_mid_run_restarts_those_weights(new_type):
 
 
 def test_rank_added_to_or_removed_from_a_group_restarts_its_weights():
-    model, opt = _trained(steps=2)
+    model, opt = trained(steps=2)
     plain, projected = opt.param_groups
     del projected["rank"]
     plain_weight = nn.Parameter(torch.randn(20, 10))
@@ -304,38 +273,38 @@ def test_triton_backend_with_float64_raises_before_any_parameter_changes():
 
 def test_triton_backend_on_cpu_without_interpreter_raises_before_anything_changes(monkeypatch):
     pytest.importorskip("triton")
-    model, opt = _trained(steps=2)
+    model, opt = trained(steps=2)
     opt.backend = "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    fresh_grads(model)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"parameter #0 .*needs CUDA tensors"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 # ---- gradients and parameters that no longer fit (7e) ---------------------------------------------------
 def test_gradient_of_another_shape_raises_and_changes_nothing():
-    model, opt = _trained()
-    _fresh_grads(model)
+    model, opt = trained()
+    fresh_grads(model)
     model.mid.weight.data = torch.randn(50, 48)  # the gradient stays 48x48
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"gradient of parameter #\d+ \(shape \(50, 48\)\) has shape \(48, 48\)"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
 
 
 @pytest.mark.parametrize("which,key", [("mid", "proj_right"), ("norm", "exp_avg")])
 def test_parameter_resized_after_its_state_exists_raises_naming_the_key(which, key):
-    model, opt = _trained()
+    model, opt = trained()
     module = getattr(model, which)
     new_shape = (48, 40) if which == "mid" else (50,)
     module.weight.data = torch.randn(new_shape)
-    _fresh_grads(model)
-    snap = _snapshot(model, opt)
+    fresh_grads(model)
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=re.escape(f"shape {tuple(new_shape)}") + rf"\).*state '{key}' has shape.*resized"):
         opt.step()
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
     del opt.state[module.weight]  # the documented way out
     opt.step()
     assert opt.state[module.weight]["step"] == 1
@@ -344,8 +313,8 @@ def test_parameter_resized_after_its_state_exists_raises_naming_the_key(which, k
 # ---- non-finite gradients between refreshes (7h) --------------------------------------------------------
 def test_non_finite_gradient_between_refreshes_poisons_the_moments_without_check_finite():
     """Documented: off the refresh steps a NaN enters the moments for good (and P spreads it)."""
-    model, opt = _trained(steps=2)  # step 3 is not a refresh (gap 3)
-    _fresh_grads(model)
+    model, opt = trained(steps=2)  # step 3 is not a refresh (gap 3)
+    fresh_grads(model)
     model.mid.weight.grad[2, 7] = float("nan")
     opt.step()
     assert not torch.isfinite(opt.state[model.mid.weight]["exp_avg"]).all()
@@ -361,13 +330,13 @@ def test_check_finite_refuses_a_non_finite_gradient_at_any_step(where):
     for bad in (model.mid.weight, model.norm.bias):  # a projected and a plain parameter
         if where == "group" and bad.dim() == 1:
             continue  # the flag is on the projected group only
-        _fresh_grads(model)
+        fresh_grads(model)
         bad.grad.view(-1)[3] = float("inf")
-        snap = _snapshot(model, opt)
+        snap = snapshot(model, opt)
         with pytest.raises(RuntimeError, match=r"non-finite gradient in parameter #\d+ .*check_finite=True.*step 2"):
             opt.step()
-        _assert_unchanged(model, opt, snap)
-    _fresh_grads(model)
+        assert_unchanged(model, opt, snap)
+    fresh_grads(model)
     opt.step()
     assert opt.state[model.mid.weight]["step"] == 3
 
@@ -378,17 +347,17 @@ def test_check_finite_must_be_a_bool():
 
 
 def test_state_dtype_edited_mid_run_moves_the_moments():
-    model, opt = _trained(steps=2)
+    model, opt = trained(steps=2)
     weight = model.mid.weight
     before = opt.state[weight]["exp_avg"].clone()
     opt.param_groups[1]["state_dtype"] = "bfloat16"
-    _fresh_grads(model)
+    fresh_grads(model)
     opt.step()
     assert opt.state[weight]["exp_avg"].dtype == opt.state[weight]["exp_avg_sq"].dtype == torch.bfloat16
     expected = (0.9 * before.bfloat16().float() + 0.1 * (weight.grad @ opt.state[weight]["proj_right"]))
     # bf16 rounds each moment op (2^-8 relative), and entries that cancel lose more: a norm-wise check
     assert (opt.state[weight]["exp_avg"].float() - expected).norm() / expected.norm() < 1e-2
     opt.param_groups[1]["state_dtype"] = None  # back to the gradient's dtype
-    _fresh_grads(model, seed=7)
+    fresh_grads(model, seed=7)
     opt.step()
     assert opt.state[weight]["exp_avg"].dtype == torch.float32

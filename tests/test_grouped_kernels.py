@@ -215,6 +215,21 @@ class LaunchCounter:
             monkeypatch.setattr(cls, "run", run)
 
 
+def ordinary_launches(monkeypatch, build, depths) -> dict:
+    """{depth: {kernel name: launches}} of one ordinary ``opt.step()`` of ``build(depth)``'s (model,
+    optimizer), whose grouped tables must be found cached (no rebuild)."""
+    counts = {}
+    for depth in depths:
+        _, opt = build(depth)
+        builds = opt._engine().table_builds
+        counter = LaunchCounter(monkeypatch)
+        opt.step()
+        monkeypatch.undo()
+        counts[depth] = counter.counts
+        assert opt._engine().table_builds == builds  # cached across the ordinary step
+    return counts
+
+
 GROUPED_KERNELS = {gpa._grouped_project_adam_kernel.fn.__name__, gbu._grouped_backproject_update_kernel.fn.__name__,
                    mta._multi_tensor_adamw_kernel.fn.__name__}
 

@@ -203,7 +203,7 @@ def test_frugal_sign_step():
 from torch import nn  # noqa: E402
 
 import test_engine as te  # noqa: E402
-from test_grouped_kernels import LaunchCounter  # noqa: E402
+from test_grouped_kernels import LaunchCounter, ordinary_launches  # noqa: E402
 
 from lowrank_kernels import GaLoreAdamW  # noqa: E402
 from lowrank_kernels.demo.model import GALORE_TARGETS, Llama, ModelConfig  # noqa: E402
@@ -326,15 +326,7 @@ def llama(layers, rule):
 
 
 def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch):
-    counts = {}
-    for layers in (1, 2):
-        model, opt = llama(layers, "fira")
-        builds = opt._engine().table_builds
-        counter = LaunchCounter(monkeypatch)
-        opt.step()
-        monkeypatch.undo()
-        counts[layers] = counter.counts
-        assert opt._engine().table_builds == builds  # cached across the ordinary step
+    counts = ordinary_launches(monkeypatch, lambda layers: llama(layers, "fira"), (1, 2))
     assert counts[1] == counts[2], counts
     # one launch of each of the three kernels per projected bucket (orientation x tile config), a handful
     launches = {counts[1][k] for k in RULE_KERNELS}

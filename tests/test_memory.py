@@ -11,7 +11,7 @@ from lowrank_kernels.demo.model import GALORE_TARGETS, Llama, ModelConfig
 from lowrank_kernels.hf import galore_param_groups
 from lowrank_kernels.memory import gradient_bytes, init_state, state_bytes
 
-from helpers import ToyNet, galore_groups
+from helpers import ToyNet, assert_same_state_layout, galore_groups
 
 SIZE = {torch.float32: 4, torch.bfloat16: 2}
 
@@ -56,14 +56,7 @@ def test_init_state_is_what_a_real_step_creates(dtype, state_dtype, proj_type, p
         on_meta = copy.deepcopy(model).to("meta")
         built = GaLoreAdamW(galore_groups(on_meta, **kw), lr=1e-3)
         init_state(built)
-        for p, q in zip(model.parameters(), on_meta.parameters()):
-            a, b = real.state[p], built.state[q]
-            assert a.keys() == b.keys()
-            for key, value in a.items():
-                if torch.is_tensor(value):
-                    assert (value.shape, value.dtype) == (b[key].shape, b[key].dtype), key
-                else:
-                    assert value == b[key], key
+        assert_same_state_layout(real, model.parameters(), built, on_meta.parameters())
         assert state_bytes(real) == state_bytes(built)
 
 

@@ -1,7 +1,6 @@
 """The new options (update rules, random/dct bases, int8 moments) composed with the existing axes: energy
 rank, rotated/zeroed moments, lazy/converged refresh, layer-wise steps, bit-exact resume; odd shapes."""
 import copy
-import io
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ from torch import nn
 from lowrank_kernels import GaLoreAdamW
 from lowrank_kernels.layerwise import LayerwiseUpdates
 from lowrank_kernels.memory import init_state, state_bytes
+
+from helpers import assert_same_state_layout, resume
 
 COMBOS = {
     "fira-rsvd-energy-rotate": dict(update="fira", projector="rsvd", rank_policy="energy", energy_threshold=0.4,
@@ -69,13 +70,7 @@ def test_combination_trains_and_resumes_bit_exactly(name):
 
     first, opt1 = make(options)
     run(first, opt1, batches[:4])
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buf)
-    buf.seek(0)
-    checkpoint = torch.load(buf, weights_only=True)
-    resumed, opt2 = make(options)
-    resumed.load_state_dict(checkpoint["model"])
-    opt2.load_state_dict(checkpoint["optim"])
+    resumed, opt2 = resume(lambda: make(options), first, opt1)
     run(resumed, opt2, batches[4:])
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -106,12 +101,7 @@ def test_init_state_on_meta_is_what_a_real_step_creates(name):
     built = GaLoreAdamW([{"params": biases, "state_dtype": options.get("state_dtype")},
                          {"params": weights, "rank": 5, "update_proj_gap": 3, **options}], lr=1e-2)
     init_state(built)
-    for p, q in zip(model.parameters(), on_meta.parameters()):
-        a, b = real.state[p], built.state[q]
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            if torch.is_tensor(value):
-                assert (value.shape, value.dtype) == (b[key].shape, b[key].dtype), key
+    assert_same_state_layout(real, model.parameters(), built, on_meta.parameters(), values=False)
     assert state_bytes(real) == state_bytes(built)
 
 
@@ -156,12 +146,7 @@ def test_combination_on_the_kernels_resumes_and_steps_layerwise_bit_exactly(name
     run(model, opt, batches)
     first, opt1 = make(options, "triton")
     run(first, opt1, batches[:2])
-    buf = io.BytesIO()
-    torch.save(opt1.state_dict(), buf)
-    buf.seek(0)
-    resumed, opt2 = make(options, "triton")
-    resumed.load_state_dict(first.state_dict())
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    resumed, opt2 = resume(lambda: make(options, "triton"), first, opt1)
     run(resumed, opt2, batches[2:])
     lw_model, lw_opt = make(options, "triton")
     hooks = LayerwiseUpdates(lw_opt)

@@ -5,7 +5,7 @@ from torch import nn
 
 from lowrank_kernels import GaLoreAdamW
 
-from helpers import ToyNet, batches, galore_groups, train
+from helpers import ToyNet, batches, galore_groups, mse_closure, train
 
 
 # ---- N-D weights --------------------------------------------------------------------------------------
@@ -32,13 +32,7 @@ def test_conv_weight_is_optimised_as_its_matrix_form(channels_last):
 def test_closure_zero_grad_and_param_groups():
     model = ToyNet()
     opt = GaLoreAdamW(galore_groups(model, rank=4), lr=1e-2)
-    x, y = batches(1)[0]
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = mse_closure(model, opt, *batches(1)[0])
 
     first = opt.step(closure)
     assert isinstance(first, torch.Tensor)

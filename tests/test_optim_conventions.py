@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lowrank_kernels import GaLoreAdamW, backends, reference
 
-from helpers import ToyNet, batches, galore_groups, train
+from helpers import ToyNet, batches, galore_groups, mse_closure, train
 
 PROJECTED = dict(rank=4, update_proj_gap=2)
 
@@ -179,13 +179,7 @@ def test_step_hooks_run_once_per_step_and_not_on_a_refused_step():
 def test_step_pre_hook_can_replace_the_closure():
     model = ToyNet()
     opt = GaLoreAdamW(galore_groups(model, **PROJECTED), lr=1e-2)
-    x, y = batches(1)[0]
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = mse_closure(model, opt, *batches(1)[0])
 
     opt.register_step_pre_hook(lambda o, args, kwargs: (args[:1], {"closure": closure}))  # args[0] is self
     loss = opt.step()

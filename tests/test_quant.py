@@ -8,7 +8,6 @@ dispatching to its CompositeExplicitAutograd kernel). bitsandbytes 0.50's CPU ke
 codes; it agrees with ours everywhere else, and ours is never farther from the value.
 """
 import copy
-import io
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from lowrank_kernels import GaLoreAdamW, quant
 from lowrank_kernels.memory import state_bytes
 
-from helpers import ToyNet, batches, galore_groups, train
+from helpers import ToyNet, batches, galore_groups, resume, train
 
 
 def _bnb():
@@ -184,13 +183,7 @@ def test_int8_checkpoint_loads_weights_only_and_resumes_bit_exactly(group):
     train(full, opt, data)
     first, opt1 = make()
     train(first, opt1, data[:4])
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buf)
-    buf.seek(0)
-    checkpoint = torch.load(buf, weights_only=True)
-    resumed, opt2 = make()
-    resumed.load_state_dict(checkpoint["model"])
-    opt2.load_state_dict(checkpoint["optim"])
+    resumed, opt2 = resume(make, first, opt1)
     state = opt2.state[resumed.mid.weight]
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].dtype == torch.float32
     train(resumed, opt2, data[4:])

@@ -6,7 +6,6 @@ code (the authors' ``proj_optimizer_templates.py`` / ``adamw.py``; it is not on 
 with refreshes every 5 steps on ToyNet's tall (48x16), square (48x48) and wide (12x48) weights, with the
 same hyperparameters, and must agree to 1e-5 relative in fp32.
 """
-import warnings
 
 import pytest
 import torch
@@ -46,7 +45,7 @@ def test_fira_matches_the_fira_package(proj_type):
     theirs = ToyNet()
     ref = fira.FiraAdamW(galore_groups(theirs, rank=4, update_proj_gap=GAP, alpha=0.25, proj_type=proj_type),
                          lr=1e-2, weight_decay=0.01, no_deprecation_warning=True)
-    their_losses = train(theirs, ref, data)
+    train(theirs, ref, data)
     _assert_same_weights(ours, theirs)
     assert our_losses[-1] < our_losses[0]
     for p, q in zip(ours.parameters(), theirs.parameters()):

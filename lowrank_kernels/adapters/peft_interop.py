@@ -7,6 +7,8 @@ them: A, B in the weight's dtype, ``W ← W − scaling · B A`` computed in fp3
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ __all__ = ["require_peft", "peft_lora_ga"]
 
 def require_peft() -> None:
     try:
-        import peft  # noqa: F401
+        importlib.import_module("peft")
     except ImportError as exc:
         raise ImportError("lora_ga(..., peft=True) needs PEFT: pip install peft") from exc
 

@@ -155,12 +155,33 @@ def markdown_table(rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows])
 
 
-def plot(rows, path: Path, title: str) -> None:
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's architecture: the "machine" line of a results file."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+
+
+def new_plot(figsize=(7, 4.5)) -> tuple:
+    """(figure, axes) of a headless (Agg) matplotlib figure; :func:`save_plot` finishes it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=figsize)
+
+
+def save_plot(fig, ax, path, title: str, width: int = 100, legend_size=None) -> None:
+    """Title (wrapped at ``width`` characters), legend, tight layout; write ``path`` at 120 dpi, close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(textwrap.fill(title, width), fontsize=8)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    fig, ax = new_plot()
     for i, r in enumerate(rows):
         losses = torch.tensor(r["losses"])
         k = min(10, len(losses))  # moving average: per-batch losses are noisy
@@ -170,11 +191,7 @@ def plot(rows, path: Path, title: str) -> None:
                 label=f"{r['optimizer']} (eval {r['eval loss']})")
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss ({k}-step moving average)")
-    ax.set_title(textwrap.fill(title, 100), fontsize=8)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, title)
 
 
 def parse_args(argv=None):
@@ -213,7 +230,7 @@ def demo(argv=None) -> list[dict]:
         print("galore-torch is not importable (pip install galore-torch transformers bitsandbytes): skipped")
         names.remove("galore-torch")
     train_data, eval_data = load_splits()
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    machine = machine_name(device)
     setting = (f"dim {args.dim}, {args.layers} layers, {args.heads} heads, seq {args.seq_len}, batch "
                f"{args.batch_size}, {args.steps} steps, lr {args.lr} (AdamW) / {args.galore_lr} (GaLore), "
                f"rank {args.rank}, gap {args.update_proj_gap}, scale {args.galore_scale}, {args.dtype}")

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import textwrap
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from lowrank_kernels.adapters import accumulate_gradients, deep_lora, lora, lora
 from lowrank_kernels.hf import galore_param_groups
 from lowrank_kernels.memory import state_bytes
 
-from .__main__ import evaluate, lr_lambda
+from .__main__ import evaluate, lr_lambda, machine_name, new_plot, save_plot
 from .data import load_splits, train_batches
 from .model import GALORE_TARGETS, Llama, ModelConfig
 
@@ -146,11 +144,7 @@ def markdown_table(rows, seeds) -> str:
 
 
 def plot(rows, start_loss: float, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_plot()
     for i, r in enumerate(rows):
         steps = [s for s, _ in r["runs"][0]["evals"]]
         mean = [sum(run["evals"][j][1] for run in r["runs"]) / len(r["runs"]) for j in range(len(steps))]
@@ -159,11 +153,7 @@ def plot(rows, start_loss: float, path: Path, title: str) -> None:
     ax.axhline(start_loss, color="grey", linewidth=0.8, label="pretrained, before fine-tuning")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("eval loss (mean over seeds)")
-    ax.set_title(textwrap.fill(title, 100), fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, title, legend_size=8)
 
 
 def parse_args(argv=None):
@@ -223,7 +213,7 @@ def finetune_demo(argv=None) -> list[dict]:
             for s in args.seeds for m in tqdm(methods, desc=f"fine-tune seeds {args.seeds}", unit="run", leave=False)]
     rows = summarise(runs)
     total = time.perf_counter() - begin
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    machine = machine_name(device)
     setting = (f"dim {args.dim}, {args.layers} layers, {args.heads} heads, seq {args.seq_len}, batch {args.batch_size}; "
                f"pretrain {args.pretrain_steps} steps (AdamW lr {args.pretrain_lr}); fine-tune {args.steps} steps on "
                f"{len(ft_data):,} held-out bytes, eval on the other {len(ft_eval):,}; rank {args.rank}, alpha {args.alpha}, "
