@@ -115,17 +115,27 @@ class GroupedTables:
         sig = projected_signature(problems) if self.kind == "projected" else adamw_signature(problems)
         return sig == self.signature
 
-    def update_grads(self, grads: list) -> bool:
-        """Point the tables at ``grads`` (problem order) if any moved; True if the tables changed."""
+    def moved_grads(self, grads: list, contiguous: bool = False) -> Optional[tuple]:
+        """The gradients' (address, strides) signature if any moved since the tables last pointed at them,
+        else None; each new gradient is checked against the tables' (shape, dtype, device; ``contiguous``)."""
         if len(grads) != self.num_problems:
             raise ValueError(f"expected {self.num_problems} gradients, got {len(grads)}")
         sig = tuple((g.data_ptr(), g.stride()) for g in grads)
         if sig == self.grad_signature:
-            return False
+            return None
         for i, (p, g) in enumerate(zip(self.problems, grads)):
-            if tuple(g.shape) != tuple(p["grad"].shape) or g.dtype != p["grad"].dtype or g.device != self.device:
+            if (tuple(g.shape) != tuple(p["grad"].shape) or g.dtype != p["grad"].dtype or g.device != self.device
+                    or (contiguous and not g.is_contiguous())):
                 raise ValueError(f"problem {i}: new gradient {g.dtype} {tuple(g.shape)} on {g.device} differs "
-                                 f"from the tables' {p['grad'].dtype} {tuple(p['grad'].shape)} on {self.device}")
+                                 f"from the tables' {p['grad'].dtype} {tuple(p['grad'].shape)} on {self.device}"
+                                 + (" or is not contiguous" if contiguous else ""))
+        return sig
+
+    def update_grads(self, grads: list) -> bool:
+        """Point the tables at ``grads`` (problem order) if any moved; True if the tables changed."""
+        sig = self.moved_grads(grads)
+        if sig is None:
+            return False
         if self.kind == "projected":
             grouped_project_adam.refresh_grads(self.kernels["project_adam"], self.side, self.problems, grads)
             if self.rule != "galore":  # the rules read G again in the back-projection kernel

@@ -178,17 +178,9 @@ class Int8Tables(GroupedTables):
     def update_grads(self, grads: list) -> bool:
         if self.mode != "unprojected":
             raise TypeError("projected int8 tables read R, a buffer they own; there are no gradients to update")
-        if len(grads) != self.num_problems:
-            raise ValueError(f"expected {self.num_problems} gradients, got {len(grads)}")
-        sig = tuple((g.data_ptr(), g.stride()) for g in grads)
-        if sig == self.grad_signature:
+        sig = self.moved_grads(grads, contiguous=True)
+        if sig is None:
             return False
-        for i, (p, g) in enumerate(zip(self.problems, grads)):
-            if (tuple(g.shape) != tuple(p["grad"].shape) or g.dtype != p["grad"].dtype or g.device != self.device
-                    or not g.is_contiguous()):
-                raise ValueError(f"problem {i}: new gradient {g.dtype} {tuple(g.shape)} on {g.device} differs "
-                                 f"from the tables' {p['grad'].dtype} {tuple(p['grad'].shape)} on {self.device} "
-                                 f"or is not contiguous")
         table = self.kernels["int8_adam"]
         table.rewrite({(slot, _X.value): grads[p].data_ptr() for slot, p in enumerate(table.order)})
         table.meta["ALIGNED"] = _aligned(self.problems, self.mode, grads)
