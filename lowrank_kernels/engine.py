@@ -177,12 +177,19 @@ class _DeviceScalars:
             _upload(self.table, [h[5:] for h in hyper])  # step_size (column 0) is computed per step
             self.host_hyper = hyper
 
-    def advance(self) -> None:
-        """One step on the device: counts + 1, then step sizes (galore-torch's formula, in float64)."""
-        self.steps.add_(1.0)
-        lr, beta1, beta2, correct_bias, scale = self.hyper.unbind(1)
-        corrected = lr * torch.sqrt(1.0 - torch.pow(beta2, self.steps)) / (1.0 - torch.pow(beta1, self.steps))
-        self.table[:, 0].copy_(torch.where(correct_bias > 0, corrected, lr))
+    def advance(self, fused: bool = False) -> None:
+        """One step on the device: counts + 1, then step sizes (galore-torch's formula, in float64).
+
+        ``fused`` (a CUDA composition with triton buckets): one launch (kernels/step_scalars.py) instead
+        of the torch ops' ten."""
+        if fused:
+            from .kernels.step_scalars import advance_step_scalars
+            advance_step_scalars(self.steps, self.hyper, self.table)
+        else:
+            self.steps.add_(1.0)
+            lr, beta1, beta2, correct_bias, scale = self.hyper.unbind(1)
+            corrected = lr * torch.sqrt(1.0 - torch.pow(beta2, self.steps)) / (1.0 - torch.pow(beta1, self.steps))
+            self.table[:, 0].copy_(torch.where(correct_bias > 0, corrected, lr))
         self.host_steps = [s + 1 for s in self.host_steps]
 
 
@@ -427,7 +434,9 @@ class StepEngine:
                     self._device_entries.clear()
                 entry = self._device_entries[composition] = _DeviceScalars(device, len(problems))
             entry.sync(problems)
-            entry.advance()
+            # triton buckets on CUDA: the counts and step sizes in one launch (``_fused_scalars``: tests)
+            entry.advance(fused=getattr(opt, "_fused_scalars", False) or (
+                device.type == "cuda" and any(len(key) > 4 and key[4] in GROUPED_ROUTES for key in keys)))
             entries.append((entry, [pr.group for pr in problems]))
             start = 0
             for key in keys:

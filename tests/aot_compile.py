@@ -30,9 +30,11 @@ from lowrank_kernels.kernels.multi_tensor_adamw import BLOCK as MT_BLOCK  # noqa
 from lowrank_kernels.kernels.multi_tensor_adamw import _multi_tensor_adamw_kernel  # noqa: E402
 from lowrank_kernels.kernels._tables import TL_DTYPE  # noqa: E402
 from lowrank_kernels.kernels.project_adam import _project_adam_kernel  # noqa: E402
+from lowrank_kernels.kernels.step_scalars import BLOCK as STEP_BLOCK  # noqa: E402
+from lowrank_kernels.kernels.step_scalars import _advance_step_scalars_kernel  # noqa: E402
 
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-               torch.int32: "i32"}
+               torch.int32: "i32", torch.float64: "fp64"}
 # the grouped kernels' tables: per-problem rows (int64), the tile -> problem map (int32), fp32 scalars
 TABLES = dict(table_ptr=torch.int64, tile_problem_ptr=torch.int32, hyper_ptr=torch.float32,
               scalars_ptr=torch.float32)
@@ -139,6 +141,10 @@ def grouped_cases():
         k, p, cx, w, s = int8_adam_case(projected, bf16)
         yield f"grouped_int8_adam {'projected' if projected else 'unprojected'} bf16", k, p, cx, 90, w, s
     yield from rule_cases()
+    # the device step scalars (float64 counts and hyperparameters, the fp32 scalar table)
+    yield ("advance_step_scalars", _advance_step_scalars_kernel,
+           dict(steps_ptr=torch.float64, hyper_ptr=torch.float64, table_ptr=torch.float32),
+           dict(TABLE_STRIDE=4, BLOCK=STEP_BLOCK), 90, 4, 1)
 
 
 def must_pipeline(label: str, cx: dict) -> bool:

@@ -243,3 +243,54 @@ def test_triton_rejects_float64_before_anything_changes():
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
         opt.step()
     assert torch.equal(b, before) and not any(opt.state.values())
+
+
+# ---- device step scalars in one launch (kernels/step_scalars.py) -------------------------------------------
+def test_fused_step_scalars_equal_the_torch_ops():
+    """The one-launch advance against the torch-op one (engine._DeviceScalars.advance): the same counts, and
+    step sizes equal in fp32 except where exp(t log b) and pow(b, t) (both float64) round across an fp32
+    boundary: at most one fp32 ulp, and rarely (counted)."""
+    from lowrank_kernels.engine import _DeviceScalars
+    from lowrank_kernels.kernels.step_scalars import advance_step_scalars
+
+    gen = torch.Generator().manual_seed(0)
+    n = 300  # more than one block
+    hyper = torch.stack([torch.rand(n, generator=gen, dtype=torch.float64) * 1e-2,     # lr
+                         torch.rand(n, generator=gen, dtype=torch.float64) * 0.99,      # beta1 (0 included below)
+                         0.9 + torch.rand(n, generator=gen, dtype=torch.float64) * 0.0999,
+                         (torch.rand(n, generator=gen) < 0.8).double(),                # bias correction on/off
+                         torch.ones(n, dtype=torch.float64)], dim=1)
+    hyper[0, 1] = 0.0
+    starts = torch.randint(0, 100_000, (n,), generator=gen).double()
+    starts[:10] = torch.arange(10)
+    a, b = _DeviceScalars(torch.device("cpu"), n), _DeviceScalars(torch.device("cpu"), n)
+    for entry in (a, b):
+        entry.steps.copy_(starts)
+        entry.hyper.copy_(hyper)
+        entry.host_steps = starts.tolist()
+    for _ in range(3):
+        a.advance(fused=False)
+        advance_step_scalars(b.steps, b.hyper, b.table)
+        assert torch.equal(a.steps, b.steps)
+        torch.testing.assert_close(b.table[:, 0], a.table[:, 0], rtol=1.2e-7, atol=0)
+        assert (b.table[:, 0] != a.table[:, 0]).sum() <= n // 20
+    with pytest.raises(ValueError, match="float64"):
+        advance_step_scalars(a.steps.float(), a.hyper, a.table)
+
+
+def test_engine_with_fused_step_scalars_follows_the_torch_op_scalars(monkeypatch):
+    """The whole-model step with the one-launch advance (forced on CPU; on CUDA it is the default for
+    triton buckets) against the torch-op advance: one launch of it per step, and the same weights up to an
+    fp32 ulp of a step size now and then (rtol 1e-6 after the mixed model's steps, lr and betas changed)."""
+    runs = []
+    for fused in (False, True):
+        ps, opt = make("triton")
+        opt._fused_scalars = fused
+        counter = LaunchCounter(monkeypatch)
+        run(ps, opt)
+        monkeypatch.undo()
+        runs.append((ps, counter.counts.get("_advance_step_scalars_kernel", 0)))
+    (ref, none), (ps, launches) = runs
+    assert none == 0 and launches == STEPS
+    for name, p in ps.items():
+        torch.testing.assert_close(p, ref[name], rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
