@@ -14,12 +14,13 @@
    reference's exact order of operations (:func:`_run_bucket_torch`), backend "triton" with the grouped
    kernels (lowrank_kernels/kernels/grouped.py): per bucket ONE projection+Adam launch and ONE
    back-projection+update launch for all left- or right-projected weights, ONE multi-tensor AdamW launch
-   for all unprojected tensors, whatever their number (:class:`_GroupedBucket`). Their tables are cached
-   per bucket and composition and rebuilt only when a tensor they point at is reallocated (a rank change,
-   load_state_dict); moved gradients are re-pointed without blocking. "full" projections, weights
-   updated through a copy (channels_last conv weights) and unprojected tensors whose layouts the
-   multi-tensor kernel cannot walk flat run the per-parameter kernels (:func:`_run_single`), with host
-   scalars: a step that needs them refuses CUDA graph capture.
+   for all unprojected tensors, whatever their number (:class:`_GroupedBucket`); "full" projections in
+   five grouped launches (kernels/grouped_full.py). Their tables are cached per bucket and composition
+   and rebuilt only when a tensor they point at is reallocated (a rank change, load_state_dict); moved
+   gradients are re-pointed without blocking. Weights updated through a copy (channels_last conv
+   weights) and unprojected tensors whose layouts the multi-tensor kernel cannot walk flat run the
+   per-parameter kernels (:func:`_run_single`), with host scalars: a step that needs them refuses CUDA
+   graph capture.
 
    The update rules other than "galore" (fira, frugal, apollo, apollo-mini) run in the same grouped
    launches where update_rules.grouped_supported allows (left/right projections, float moments, svd/
@@ -287,10 +288,10 @@ class StepEngine:
             return
         if any(pr.route == "single" for pr in problems) and _capturing(problems[0].grad.device):
             raise RuntimeError(
-                "GaLoreAdamW(backend='triton'): a 'full' projection, a weight updated through a copy "
-                "(channels_last) or a tensor the multi-tensor kernel cannot walk flat runs the per-parameter "
-                "kernels, whose host step scalars a CUDA graph would freeze; capture with backend='torch' "
-                "or change those parameters' proj_type / layout")
+                "GaLoreAdamW(backend='triton'): a weight updated through a copy (channels_last) or a tensor "
+                "the multi-tensor kernel cannot walk flat runs the per-parameter kernels, whose host step "
+                "scalars a CUDA graph would freeze; capture with backend='torch' or change those "
+                "parameters' layout")
         refreshing = []
         items = {id(item[1]): item for item in work}
         for pr in problems:
@@ -344,7 +345,7 @@ class StepEngine:
                 pr.P, pr.Q = self.basis(pr)
             key = pr.key
             if pr.route == "grouped":  # one tile config per launch (see the module docstring)
-                key += (pr.route, _grouped().tile_configs(pr.side, *pr.grad.shape, state["rank"], pr.grad.dtype))
+                key += (pr.route, _tile_configs(pr.side, *pr.grad.shape, state["rank"], pr.grad.dtype))
                 rule = _rule_spec(pr.group)
                 if rule is not None:  # one update rule (a launch constexpr) per bucket
                     key += (rule,)
@@ -623,6 +624,14 @@ def _grouped():
     return grouped
 
 
+def _tile_configs(side: str, m: int, n: int, r: int, dtype: torch.dtype) -> tuple:
+    """A grouped problem's tile configs (part of its bucket key: see the module docstring)."""
+    if side == "full":
+        from .kernels.grouped_full import full_tile_configs
+        return full_tile_configs(m, n, r, dtype)
+    return _grouped().tile_configs(side, m, n, r, dtype)
+
+
 def _route(pr: _Problem) -> str:
     """How backend "triton" steps a parameter: "grouped" (left/right projections: the grouped GEMM
     kernels), "adamw" (unprojected: the multi-tensor kernel) or "single" (the per-parameter kernels).
@@ -632,10 +641,10 @@ def _route(pr: _Problem) -> str:
     if pr.weight.dtype not in KERNEL_DTYPES:
         raise TypeError(f"GaLoreAdamW(backend='triton') steps float32, bfloat16 and float16 parameters, got "
                         f"{pr.weight.dtype} (shape {tuple(pr.p.shape)}); backend='auto' uses the reference for it")
-    if pr.side == "full" or pr.write_back is not None:
-        return "single"  # full: two small matmuls between the kernels; a copy: not a strided view of W
+    if pr.write_back is not None:
+        return "single"  # a copy: not a strided view of W
     if pr.side is not None:
-        return "grouped"
+        return "grouped"  # "full" too: five grouped launches (kernels/grouped_full.py)
     from .kernels import multi_tensor_adamw
     M, V = (pr.state.get(k) for k in MOMENT_KEYS)
     if M is None:  # created contiguous by this step
@@ -693,7 +702,11 @@ class _GroupedBucket:
         self.has_previous = [pr.has_previous for pr in bucket]
         problems = [dict(prob, beta1=b1, beta2=b2, eps=eps, has_previous=bool(prev))
                     for prob, (b1, b2, eps), prev in zip(self.problems(bucket), self.hyper, self.has_previous)]
-        if side is None and self.int8:
+        if side == "full":
+            from .kernels import grouped_full
+            self.tables = grouped_full.build_full_tables(problems)
+            self.step = grouped_full.grouped_full_step
+        elif side is None and self.int8:
             from .kernels import grouped_int8_adam
             self.tables = grouped_int8_adam.build_int8_tables(problems, "unprojected")
             self.step = grouped_int8_adam.int8_adam_step
@@ -709,6 +722,9 @@ class _GroupedBucket:
         moments = MOMENT_KEYS + (quant.QUANT_KEYS if self.int8 else ())
         if self.side is None:
             return [dict(param=pr.weight, grad=pr.grad, **{k: pr.state[k] for k in moments}) for pr in bucket]
+        if self.side == "full":
+            return [dict(param=pr.weight, grad=pr.grad, P=pr.P, Q=pr.Q, N=N, **{k: pr.state[k] for k in moments})
+                    for pr, N in zip(bucket, self.N)]
         limiting = self.rule is not None and self.rule[2]
         return [dict(param=pr.weight, grad=pr.grad, basis=pr.P if self.side == "left" else pr.Q, N=N,
                      **{k: pr.state[k] for k in moments},

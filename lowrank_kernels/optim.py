@@ -440,7 +440,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         Before the replay, the groups' current lr and weight decay (an lr schedule) are copied to the
         device; with backend "triton" (the grouped kernels) also betas, eps and scale, while backend
         "torch" fixes those, and whether decay is on, at capture. With backend "triton", a step that needs
-        the per-parameter kernels ("full" projections, channels_last conv weights) cannot be captured.
+        the per-parameter kernels (channels_last conv weights) cannot be captured.
         Refreshes keep every tensor's storage (new bases and moments are copied in place) unless a rank
         changes (rank_policy="energy"): then the graph must be captured again.
         """

@@ -27,8 +27,9 @@ step of backend "triton" (and "auto" on CUDA) runs every rule in its grouped ker
 kernels/grouped.py) for left/right projections with float moments and a basis the kernels read (svd, rsvd,
 warm; Fira also needs orthonormal columns): :func:`grouped_supported`. Fira and FRUGAL read G a second time
 in the back-projection kernel (four passes over m x n instead of GaLore's three); APOLLO's update needs no
-back-projection GEMM. Everything else (``state_dtype="int8"``, "full" projections, other bases, backend
-"torch", whose bucketed path is GaLore's) runs this reference math per parameter.
+back-projection GEMM. Everything else (int8 moments with these rules, "full" projections with frugal,
+Fira with random bases, backend "torch", whose bucketed path is GaLore's) runs this reference math per
+parameter.
 """
 from __future__ import annotations
 

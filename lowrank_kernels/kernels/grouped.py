@@ -40,8 +40,7 @@ Update rules (``build_projected_tables(..., rule=)``, one per bucket; lowrank_ke
 No fifth pass: the norms come from small partials. Limiting rules carry each problem's ``limiter_norm``
 (its state tensor, written by kernel (s)) and whether it holds a previous norm (``set_has_previous``).
 
-"full" projection (P and Q) is not grouped: the caller steps it with kernels.galore_step, whose small
-matmuls (P^T G, P N) come between the two kernels; it is rare (galore's default is "std").
+"full" projections (P and Q) have their own builder: kernels/grouped_full.py (five launches per bucket).
 
 Tile configs: a launch's tiles follow its largest problem and, on a GPU, shrink until the grid covers the
 SMs, so a problem's rounding (the GEMM's reduction order) can depend on the other problems in its launch.
@@ -210,7 +209,7 @@ def build_projected_tables(problems: list, side: str, *, fill_sms: bool = True, 
     the non-rank one, so r must be below the other dimension (reference.norm_ratio's choice).
     """
     if side not in SIDES:
-        raise ValueError(f"side must be 'left' or 'right' (full projections are stepped one by one); got {side!r}")
+        raise ValueError(f"side must be 'left' or 'right' (full projections: grouped_full.py); got {side!r}")
     if rule not in grouped_backproject_update.RULES:
         raise ValueError(f"rule must be one of {sorted(grouped_backproject_update.RULES)}; got {rule!r}")
     # int8 moments (uint8 codes + absmax, quant.py): checked by the int8 kernel's builder below
