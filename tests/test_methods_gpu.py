@@ -132,7 +132,7 @@ def test_grouped_rules_bf16_realistic_shapes(rule, side):
     tgr.check_rule(rule, torch.bfloat16, probs, twins, start)
 
 
-@pytest.mark.parametrize("rule", GROUPED_RULES)
+@pytest.mark.parametrize("rule", GROUPED_RULES + ["galore-full", "galore-int8"])
 def test_grouped_rules_optimizer_cuda_graph_replay(rule):
     """GaLoreAdamW(backend="triton") with a rule, captured after two eager steps (the limiter flags settled):
     replays match eager steps of a twin optimizer (fp32: the same kernels, so equal up to the device's
@@ -145,7 +145,9 @@ def test_grouped_rules_optimizer_cuda_graph_replay(rule):
     def make():
         torch.manual_seed(0)
         ps = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
-        return ps, GaLoreAdamW([{"params": ps, "rank": rank, "update": rule, "update_proj_gap": 1000}], lr=1e-3,
+        options = {"galore-full": dict(update="galore", proj_type="full"),
+                   "galore-int8": dict(update="galore", state_dtype="int8")}.get(rule, dict(update=rule))
+        return ps, GaLoreAdamW([{"params": ps, "rank": rank, "update_proj_gap": 1000, **options}], lr=1e-3,
                                backend="triton")
 
     g = torch.Generator(device="cuda").manual_seed(1)
