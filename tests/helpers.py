@@ -1,6 +1,7 @@
 """Small shared pieces for the tests: a toy model with tall, wide and square weights, and its groups."""
 import copy
 import io
+from typing import Optional
 
 import torch
 from torch import nn
@@ -130,3 +131,28 @@ def fresh_grads(model, seed: int = 5) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def linear_stack(backend: str, depth: int = 1, hidden: int = 40, projected: Optional[dict] = None,
+                 plain: Optional[dict] = None, **optim):
+    """A 13 -> 29 -> (hidden -> 29) x depth -> 7 stack of Linear layers and its optimizer: the same weight
+    shapes at every depth (so the same buckets), 2-D weights in a projected group (``projected``), biases
+    in a plain one (``plain``)."""
+    torch.manual_seed(0)
+    dims = [13, 29] + [hidden, 29] * depth + [7]
+    model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    opt = GaLoreAdamW([{"params": biases, **(plain or {})}, {"params": weights, **(projected or {})}],
+                      **{"lr": 1e-2, "weight_decay": 0.01, "backend": backend, **optim})
+    return model, opt
+
+
+def train_stack(model, opt, steps: int, seed: int = 1) -> None:
+    """``steps`` MSE steps of a :func:`linear_stack` on seeded random batches."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(16, 13, generator=g), torch.randn(16, 7, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()

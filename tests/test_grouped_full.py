@@ -11,9 +11,10 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from lowrank_kernels import GaLoreAdamW, reference  # noqa: E402
+from lowrank_kernels import reference  # noqa: E402
 from lowrank_kernels.kernels import grouped_full  # noqa: E402
 from test_grouped_kernels import LaunchCounter, ordinary_launches  # noqa: E402
+from helpers import linear_stack, train_stack  # noqa: E402
 from test_kernels import assert_change_matches, assert_moment_matches, orthonormal  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,23 +71,10 @@ def test_build_full_tables_refuses_bad_problems_before_anything():
 
 
 def _full_model(backend, depth=1):
-    torch.manual_seed(0)
-    dims = [13, 29] + [40, 29] * depth + [7]  # the same shapes at every depth: the same buckets
-    model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
-    weights = [p for p in model.parameters() if p.dim() == 2]
-    biases = [p for p in model.parameters() if p.dim() == 1]
-    opt = GaLoreAdamW([{"params": biases}, {"params": weights, "rank": 4, "proj_type": "full",
-                                            "update_proj_gap": 3}], lr=1e-2, weight_decay=0.01, backend=backend)
-    return model, opt
+    return linear_stack(backend, depth, projected=dict(rank=4, proj_type="full", update_proj_gap=3))
 
 
-def _train(model, opt, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(16, 13, generator=g), torch.randn(16, 7, generator=g)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+_train = train_stack
 
 
 def test_full_projections_in_the_whole_model_step(monkeypatch):

@@ -259,27 +259,15 @@ def test_tables_and_errors():
 
 # ---- int8 moments in the whole-model step (GaLoreAdamW backend="triton": engine -> grouped.py) ------------
 def _int8_model(backend, layers=1, **options):
-    from torch import nn
-    from lowrank_kernels import GaLoreAdamW
-    torch.manual_seed(0)
-    dims = [13, 29] + [300, 29] * layers + [7]  # odd sizes; 300 x 5 moments span 6 blocks, 29 x 5 one short block
-    model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
-    weights = [p for p in model.parameters() if p.dim() == 2]
-    biases = [p for p in model.parameters() if p.dim() == 1]
-    opt = GaLoreAdamW([{"params": biases, "state_dtype": "int8"},
-                       {"params": weights, "rank": 5, "update_proj_gap": 3, "state_dtype": "int8", **options}],
-                      lr=1e-2, weight_decay=0.01, seed=3, backend=backend)
-    return model, opt
+    """Odd sizes: 300 x 5 moments span 6 blocks, 29 x 5 one short block."""
+    from helpers import linear_stack
+    return linear_stack(backend, layers, hidden=300, seed=3, plain=dict(state_dtype="int8"),
+                        projected=dict(rank=5, update_proj_gap=3, state_dtype="int8", **options))
 
 
 def _train(model, opt, steps, seed=1):
-    from torch import nn
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(16, 13, generator=g), torch.randn(16, 7, generator=g)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+    from helpers import train_stack
+    train_stack(model, opt, steps, seed)
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std"])

@@ -171,6 +171,15 @@ class GroupedTables:
             raise ValueError("set_has_previous needs tables of a limiting rule and one flag per problem")
         grouped_rule_scales.set_has_previous(self.kernels["rule_scales"], flags)
 
+    def begin_step(self, scalars: torch.Tensor, beta1, beta2, eps, grads: Optional[list]) -> Optional[torch.Tensor]:
+        """A step's common start: check ``scalars``, pick the betas/eps table, re-point moved ``grads``;
+        returns that table, or None when there is nothing to launch."""
+        check_scalars(scalars, self.num_problems, self.device)
+        hyper = self.hyper_table(beta1, beta2, eps)
+        if grads is not None:
+            self.update_grads(grads)
+        return hyper if self.num_problems else None
+
     def hyper_table(self, beta1, beta2, eps) -> torch.Tensor:
         given = [x is not None for x in (beta1, beta2, eps)]
         if any(given) and not all(given):
@@ -306,11 +315,8 @@ def grouped_projected_step(tables: GroupedTables, scalars: torch.Tensor, *, beta
     """
     if tables.kind != "projected":
         raise TypeError("grouped_projected_step needs tables from build_projected_tables")
-    check_scalars(scalars, tables.num_problems, tables.device)
-    hyper = tables.hyper_table(beta1, beta2, eps)
-    if grads is not None:
-        tables.update_grads(grads)
-    if not tables.num_problems:
+    hyper = tables.begin_step(scalars, beta1, beta2, eps, grads)
+    if hyper is None:
         return
     grouped_project_adam.launch(tables.kernels["project_adam"], hyper)
     if "int8_adam" in tables.kernels:
@@ -339,10 +345,7 @@ def grouped_adamw_step(tables: GroupedTables, scalars: torch.Tensor, *, beta1: O
     """One AdamW step of every problem in one launch, exactly reference.galore_step with P = Q = None."""
     if tables.kind != "adamw":
         raise TypeError("grouped_adamw_step needs tables from build_adamw_tables")
-    check_scalars(scalars, tables.num_problems, tables.device)
-    hyper = tables.hyper_table(beta1, beta2, eps)
-    if grads is not None:
-        tables.update_grads(grads)
-    if not tables.num_problems:
+    hyper = tables.begin_step(scalars, beta1, beta2, eps, grads)
+    if hyper is None:
         return
     multi_tensor_adamw.launch(tables.kernels["adamw"], hyper, scalars)

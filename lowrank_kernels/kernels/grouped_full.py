@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from . import grouped_backproject_update, grouped_project_adam
-from ._tables import SCALAR_COLUMNS, check_scalars, problem_hyper, tensor_signature
+from ._tables import SCALAR_COLUMNS, problem_hyper, tensor_signature
 from .grouped import GroupedTables, _common
 
 __all__ = ["FULL_KEYS", "build_full_tables", "grouped_full_step", "full_tile_configs"]
@@ -124,11 +124,8 @@ def grouped_full_step(tables: FullTables, scalars: torch.Tensor, *, beta1: Optio
     """One step of every full problem: five launches (see the module docstring); never synchronises."""
     if not isinstance(tables, FullTables):
         raise TypeError("grouped_full_step needs tables from build_full_tables")
-    check_scalars(scalars, tables.num_problems, tables.device)
-    hyper = tables.hyper_table(beta1, beta2, eps)
-    if grads is not None:
-        tables.update_grads(grads)
-    if not tables.num_problems:
+    hyper = tables.begin_step(scalars, beta1, beta2, eps, grads)
+    if hyper is None:
         return
     grouped_project_adam.launch(tables.kernels["project_t"], hyper)
     grouped_project_adam.launch(tables.kernels["project_adam"], hyper)
