@@ -10,6 +10,7 @@ directory; an exception in any worker fails the call with that worker's tracebac
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -46,17 +47,24 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_distributed(fn, world_size: int, *args) -> list:
-    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each rank in its own process."""
+@contextlib.contextmanager
+def single_threaded_children():
+    """SINGLE_THREADED in the environment that processes spawned inside the block inherit (this process's
+    own thread pools are already started, so it is unaffected); restored afterwards."""
     saved = {key: os.environ.get(key) for key in SINGLE_THREADED}
-    os.environ.update(SINGLE_THREADED)  # inherited by the spawned workers; this process is unaffected
+    os.environ.update(SINGLE_THREADED)
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
-            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def run_distributed(fn, world_size: int, *args) -> list:
+    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each rank in its own process."""
+    with single_threaded_children(), tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

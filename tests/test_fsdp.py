@@ -7,13 +7,13 @@ World size 3 splits the 20/34/37-row weights unevenly and leaves one rank an emp
 ``head2``; it also resumes from the checkpoint the 2-rank run saved (DCP resharding).
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import fsdp_utils
+from dist_utils import free_port, single_threaded_children
 from lowrank_kernels.distributed.fsdp import collective_volume
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 # fp32 runs of 12 steps spanning 3 refreshes; one-process runs that differ only in batch splitting agree
 # to 1.3e-6 (fsdp_utils.optimizer), so 1e-5 leaves room for FSDP's reduction order and no more.
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,8 @@ def workdir(tmp_path_factory):
 
 
 def spawn(world: int, workdir: str) -> dict:
-    torch.multiprocessing.spawn(fsdp_utils.worker, args=(world, workdir, free_port()), nprocs=world)
+    with single_threaded_children():  # one MKL/OpenMP thread in every thread of the workers (dist_utils)
+        torch.multiprocessing.spawn(fsdp_utils.worker, args=(world, workdir, free_port()), nprocs=world)
     return torch.load(os.path.join(workdir, f"results_world{world}.pt"))
 
 
