@@ -132,9 +132,17 @@ def llama(layers, dtype=torch.float32):
 
 
 def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch):
-    counts = ordinary_launches(monkeypatch, llama, (2, 6))
+    """One dtype, every parameter: the grouped kernels per bucket plus, as on CUDA (forced here), the one
+    launch of the device step scalars: 8 launches at any depth (issue 10's target: about 12 at most)."""
+    def build(layers):
+        model, opt = llama(layers)
+        opt._fused_scalars = True
+        return model, opt
+
+    counts = ordinary_launches(monkeypatch, build, (2, 6))
     assert counts[2] == counts[6], counts
-    assert set(counts[2]) == GROUPED_KERNELS and sum(counts[2].values()) <= 12, counts[2]
+    assert set(counts[2]) == GROUPED_KERNELS | {"_advance_step_scalars_kernel"}, counts[2]
+    assert sum(counts[2].values()) <= 12, counts[2]
 
 
 # ---- bit-identical: layer-wise, resume --------------------------------------------------------------------
