@@ -108,15 +108,32 @@ def cases():
     layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True, DIMS8=0)
     cx, w, s = gemm(M, N, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
     yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
-    # the 1B layout's right bucket (2048 x 5461 MLP down projections, rank 512): 5461 is odd, so kernel (a)
-    # lacks the K hint (G's contiguous axis) and kernel (b) the J hint (W's)
-    shape = "2048x5461 r=512 (1B layout), DIMS8=3 / 5"
+    # as the host builds the tables today: _tables.aligned() tests the unit stride instead of the loaded one,
+    # so ALIGNED is False for every launch of contiguous operands (the ANALYSIS's first point)
+    shape = f"{M}x{N} r=512, ALIGNED=0 (as launched)"
+    layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=False, DIMS8=7)
+    cx, w, s = gemm(512, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
+    yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
+    layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=False, DIMS8=7)
+    cx, w, s = gemm(M, N, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
+    yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
+    # K = 5461 (LLaMA-1B's MLP size) on the contiguous axis of G, rank 512 (R = G Q, I = m, J = r, K = n), and
+    # J = 5461 for kernel (b)'s W. Grouped: rows padded to a multiple of 8 elements (ALIGNED), so only the odd
+    # extent's DIMS8 bit is missing. Per parameter: a contiguous G (row stride 5461: its rows are misaligned,
+    # no load along K can be vectorised, with or without a K mask) and a padded one (row stride 5504).
+    shape = "2048x5461 r=512, padded rows, DIMS8=3 / 5"
     layouts = dict(A_LAYOUT=1, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=3)
     cx, w, s = gemm(2048, 512, 5461, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
     yield "grouped_project_adam (right)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
     layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True, DIMS8=5)
     cx, w, s = gemm(2048, 5461, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
     yield "grouped_backproject_update (right)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
+    cx, w, s = gemm(2048, 512, 5461)
+    for stride in (5461, 5504):
+        ints = dict(I=2048, J=512, K=5461, stride_ai=stride, stride_ak=1, stride_bk=512, stride_bj=1, stride_mi=512,
+                    stride_mj=1, stride_vi=512, stride_vj=1, stride_ni=512, stride_nj=1)
+        yield ("project_adam (right)", f"2048x5461 r=512, G row stride {stride}", aot._project_adam_kernel,
+               dict(a_ptr=BF16, b_ptr=BF16, m_ptr=BF16, v_ptr=BF16, n_ptr=BF16), cx, w, s, ints)
     yield ("adamw", "any (1024-element blocks)", aot._adamw_kernel,
            dict(w_ptr=BF16, g_ptr=BF16, m_ptr=BF16, v_ptr=BF16),
            dict(BLOCK=aot.BLOCK, HAS_DECAY=True, INTERPRETER=False), 4, 1, dict(numel=M * N))
@@ -192,36 +209,61 @@ here claims a speedup). Tile configs are the launchers' fixed ones. The same tab
 (this machine's) and 3.6.0 (the H100 machine's, torch 2.11.0+cu130): register counts differ between them
 (each bundles its own ptxas), pipelining decisions do not.
 
-- **Why the grouped GEMMs were not pipelined (fixed).** Every grouped kernel reads I, J, K from its table
-  row, so the compiler knew nothing about their divisibility, and the bounds masks (`offs < I`,
-  `offs < J`, `offs_k < K - k * BLOCK_K`) were constant over only one element along the contiguous axis. A
-  load's vector width is capped by its mask's constancy: every load and store of the tile became a 2-byte
-  access (PTX `ld.global.b16` / `st.global.b16`, 192 + 192 of them per thread in kernel (a)), and triton's
-  pipeliner only turns loads of at least 4 bytes into `cp.async`, so the K loop ran with one buffer (32 KB of
-  shared memory at 3 requested stages) and no latency hiding; under triton 3.6.0 kernel (a) also spilled
-  1584 bytes per thread and kernel (b) hit 255 registers. The per-parameter kernels escape this because
-  triton's launcher marks int arguments divisible by 16 (`tt.divisibility`). The pointer casts from int64
-  table entries, the int64 strides and the loop bounds were not the cause (all pipeline once the masks are
-  vectorisable).
-- **The fix**: a launch-wide constexpr DIMS8 (bits for I, J, K: that extent is a multiple of 8 in every
-  problem of the launch, computed by the host when the table is built, `_tables.dims_multiple_of_8`),
-  turned into `tl.multiple_of` in `_grouped_device.row_dims`. The kernels' math is unchanged (bit-identical
-  under the interpreter). With it the grouped kernels compile like the per-parameter ones: `cp.async` K loops,
-  96 KB of shared memory at 128x128x64 (72 KB at 64x128), 16-byte `ld/st.global.v4` in the epilogues. The
-  rows "DIMS8=0" show the unhinted code, which still runs where a launch has an extent that is no multiple
-  of 8 on that axis ("K loop" counts the PTX's 2-byte global loads and stores, `ld/st.global.b16`).
-  tests/aot_compile.py now fails if a fully hinted grouped GEMM compiles unpipelined.
-- **Odd extents still cost vector width, as for the per-parameter kernels.** Only an unhinted axis along
-  which an operand is contiguous matters. At the 1B layout (dim 2048, MLP 5461, rank 512) the left bucket
-  (attention and the 5461 x 2048 MLP weights; its odd axis is K for kernel (a), I for kernel (b)) compiles
-  fully vectorised and pipelined; the right bucket (the 2048 x 5461 down projections) reads G in kernel (a)
-  with 2-byte loads (K = 5461 is G's contiguous axis; the per-parameter kernel does the same, since 5461 is
-  not divisible by 16) and kernel (b) reads and writes W with 2-byte accesses (J = 5461; under 3.6.0: 255
-  registers, 40 bytes of spill; rows "1B layout", tiles as for one such problem). Leads: split the K loop
-  into full blocks without a K mask plus one masked tail (lifts the odd-K case for both kernel families; a
-  change to `_device.tile_matmul`), and give interior tiles bounds rounded down to the tile edge (known
-  divisibility) so only edge tiles take 2-byte accesses. A problem with an odd extent also removes the hint
-  from the other problems of its launch; splitting a bucket by DIMS8 would cost up to two more launches.
+- **As launched today, no grouped GEMM gets any alignment hint (bug, not fixed here).** `_tables.aligned()`
+  checks the stride the kernel does *not* load (`d != unit - 1` where it means `d != 2 - unit`): for a
+  unit-stride layout it tests the unit stride, 1 % 8 != 0, so ALIGNED is False for every launch of contiguous
+  or transposed operands (a 64 x 128 bf16 tensor and its transpose both report unaligned). The kernels then
+  compile like rows "ALIGNED=0 (as launched)": K loop **not pipelined**, 2-byte loads and stores, kernel (a)
+  spilling 1.7 KB (3.9) / 2.3 KB (3.6.0) per thread, whatever DIMS8 says. The DIMS8 rows and the hinted rows
+  above describe the code the fix would produce. The fix is one line, but the kernels also hint pointers the
+  host never checks (kernel (a)'s R buffer, kernel (b)'s X = R operand): they need adding to the check
+  first, and a GPU run of the hinted step (`pytest -m gpu tests/test_grouped_kernels.py`) after.
+- **Why the grouped GEMMs were not pipelined (the DIMS8 hint).** Every grouped kernel reads I, J, K from its
+  table row, so the compiler knew nothing about their divisibility, and the bounds masks (`offs < I`,
+  `offs < J`, the K mask) were constant over only one element along the contiguous axis. A load's vector
+  width is capped by its mask's constancy: every load and store of the tile became a 2-byte access (PTX
+  `ld.global.b16` / `st.global.b16`), and triton's pipeliner only turns loads of at least 4 bytes into
+  `cp.async`, so the K loop ran with one buffer (32 KB of shared memory at 3 requested stages) and no latency
+  hiding. The per-parameter kernels escape this because triton's launcher marks int arguments divisible by 16
+  (`tt.divisibility`). The fix: a launch-wide constexpr DIMS8 (bits for I, J, K: a multiple of 8 in every
+  problem of the launch, `_tables.dims_multiple_of_8`), turned into `tl.multiple_of` in
+  `_grouped_device.row_dims`; with it (and ALIGNED) the grouped kernels compile like the per-parameter ones:
+  `cp.async` K loops, 96 KB of shared memory at 128x128x64 (72 KB at 64x128), 16-byte `ld/st.global.v4` in
+  the epilogues. Rows "DIMS8=0": no extent hinted ("K loop" counts the PTX's `ld/st.global.b16`).
+  tests/aot_compile.py fails if a fully hinted grouped GEMM compiles unpipelined.
+- **K loop: full blocks without a K mask, one masked tail (new).** `_device.tile_matmul_ext` runs
+  `K // BLOCK_K` blocks masked only by the I / J bounds (constant along K) and, when K % BLOCK_K != 0, one
+  block masked at K (one copy of the block's code, `_device._k_block`, with a constexpr MASK_K). Same products
+  in the same order: under the interpreter every output of tests/test_kernels, test_grouped_kernels,
+  test_grouped_rules, test_engine_triton and test_int8_kernel is bit-identical to the masked loop's. The
+  tail's mask is written `offs_k < K - k_full` (k_full = (K // BLOCK_K) * BLOCK_K): it keeps K's known
+  divisibility, which `K % BLOCK_K` loses under triton 3.6.0 (2-byte tail loads, and kernel (b) went from 127
+  to 182 registers). Before -> after, 3.9 / 3.6.0:
+  - K = 5461 on G's contiguous axis with rows padded to a multiple of 8 (grouped kernel (a), DIMS8 without K;
+    per parameter, row stride 5504): G is now staged by `cp.async` too, **48 KB of shared memory instead of
+    32 KB** (all 3 stages of both operands); 2-byte loads only in the tail block. Registers: grouped 128 -> 125
+    (3.9, 4 CTAs/SM) but **143 -> 177 under 3.6.0 (3 -> 2 CTAs/SM)**; per parameter 96 -> 101 (3.9, 5 -> 4
+    CTAs/SM: shared memory and registers) and 128 -> 163 (3.6.0, 4 -> 3). Whether the pipelined G loads
+    beat the lost occupancy is for a GPU run to say.
+  - A *contiguous* 2048 x 5461 G (row stride 5461) gains nothing and cannot: its rows start at odd element
+    offsets, so no vector load along K is aligned, with or without a K mask (32 KB, 164 -> 167 / 166 -> 167
+    registers; the tail adds code, not executed accesses). Note also that at the 1B layout the 2048 x 5461
+    down projections are projected on the *left* under proj_type "std" (m < n: R = P^T G, K = m = 2048, J =
+    n = 5461); K = 5461 on G's contiguous axis needs a right projection of such a weight ("reverse_std" or
+    "right"). The rows formerly labelled "1B layout" assumed aligned rows; they are relabelled "padded rows".
+  - Every hinted row at the goal shapes keeps its registers within 2 and its shared memory (3.9 and 3.6.0);
+    the unhinted rows change: DIMS8=0 kernel (b) is now pipelined (64 KB; 3.6.0: 255 registers, spill 56 ->
+    96 B), "as launched" kernel (b) spills more (3.9: 0 -> 56 B, 3.6.0: 8 -> 152 B), which the ALIGNED fix
+    would remove from the hinted launches. "Before" numbers: the same script on the previous commit.
+- **Odd J in kernel (b)'s epilogue (not changed).** W is read and written with 2-byte accesses when J (W's
+  contiguous axis) is odd (rows "padded rows": 128 `ld/st.global.b16`, 178 / 255 registers). Interior tiles
+  (`(pid_j + 1) * BLOCK_J <= J`) need no J mask, but a mask built from a run-time choice of bound has the
+  constancy of its least divisible operand, so the only exact way is a run-time branch between two
+  instantiations of the epilogue (J-masked and not): two compiled copies of the W read-modify-write, more
+  code and likely more registers in a kernel already at 255 under 3.6.0, and again no help for a contiguous
+  W with an odd row stride (misaligned rows, as G above). Not done; a problem with an odd extent also removes
+  the hint from the other problems of its launch (splitting a bucket by DIMS8 would cost up to two more
+  launches).
 - **project_adam / grouped_project_adam** (kernel (a)): at 128x128x64, 8 warps, 3 stages: per parameter
   235 (3.9) / 228 (3.6) registers, grouped 255 / 237, both 96 KB: **one CTA per SM**, limited by registers.
   The Adam epilogue (R, M, V, N tiles in fp32 live together) sets the peak; with one CTA per SM nothing

@@ -93,37 +93,61 @@ def tile_matmul_ext(pid, a_ptr, b_ptr, x_ptr, I, J, K, stride_ai, stride_ak, str
         squares = tl.zeros((BLOCK_J,), dtype=tl.float32)
     else:
         squares = 0.0
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a_mask = mask_i[:, None] & (offs_k[None, :] < k_left)
-        b_mask = (offs_k[:, None] < k_left) & mask_j[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        if INTERPRETER:  # its bf16 dot is wrong; fp32 products of 16-bit values are exact
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=PRECISION)
-        if SECOND == 1:
-            x = tl.load(x_ptrs, mask=a_mask, other=0.0)
-            if INTERPRETER:
-                x = x.to(tl.float32)
-            acc2 += tl.dot(x, b, input_precision=PRECISION)
-            x_ptrs += BLOCK_K * stride_ak
-        elif SECOND == 2:
-            x = tl.load(x_ptrs, mask=b_mask, other=0.0)
-            if INTERPRETER:
-                x = x.to(tl.float32)
-            acc2 += tl.dot(a, x, input_precision=PRECISION)
-            x_ptrs += BLOCK_K * stride_bk
-        if SQUARES == 1:
-            a32 = a.to(tl.float32)
-            squares += tl.sum(a32 * a32, axis=1)
-        elif SQUARES == 2:
-            b32 = b.to(tl.float32)
-            squares += tl.sum(b32 * b32, axis=0)
+    # The full K blocks load without a K mask (only the I / J masks, constant along K, so an operand contiguous
+    # along K keeps its vector loads and the loop stays pipelinable whatever K's divisibility); one masked
+    # block takes the remainder. Same products in the same order as one masked loop: identical results.
+    a_mask = mask_i[:, None]
+    b_mask = mask_j[None, :]
+    for k in range(0, K // BLOCK_K):
+        acc, acc2, squares = _k_block(a_ptrs, b_ptrs, x_ptrs, a_mask, b_mask, offs_k, 0, acc, acc2, squares,
+                                      PRECISION, INTERPRETER, SECOND, SQUARES, False)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+        if SECOND == 1:
+            x_ptrs += BLOCK_K * stride_ak
+        elif SECOND == 2:
+            x_ptrs += BLOCK_K * stride_bk
+    # K - k_full keeps K's known divisibility (K % BLOCK_K would lose it under triton 3.6): the tail's mask
+    # then still allows vector loads where K is a multiple of 8.
+    k_full = (K // BLOCK_K) * BLOCK_K
+    if k_full < K:
+        acc, acc2, squares = _k_block(a_ptrs, b_ptrs, x_ptrs, a_mask, b_mask, offs_k, K - k_full, acc, acc2,
+                                      squares, PRECISION, INTERPRETER, SECOND, SQUARES, True)
     return acc, acc2, squares, offs_i, offs_j
+
+
+@triton.jit
+def _k_block(a_ptrs, b_ptrs, x_ptrs, a_mask, b_mask, offs_k, k_left, acc, acc2, squares,
+             PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, SECOND: tl.constexpr, SQUARES: tl.constexpr,
+             MASK_K: tl.constexpr):
+    """One BLOCK_K step of tile_matmul_ext's loop (its only copy): the products of one K block added to the
+    accumulators. ``a_mask`` / ``b_mask``: the I / J bounds; MASK_K: also mask K at ``k_left`` (the tail)."""
+    if MASK_K:
+        a_mask = a_mask & (offs_k[None, :] < k_left)
+        b_mask = (offs_k[:, None] < k_left) & b_mask
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if INTERPRETER:  # its bf16 dot is wrong; fp32 products of 16-bit values are exact
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    acc += tl.dot(a, b, input_precision=PRECISION)
+    if SECOND == 1:
+        x = tl.load(x_ptrs, mask=a_mask, other=0.0)
+        if INTERPRETER:
+            x = x.to(tl.float32)
+        acc2 += tl.dot(x, b, input_precision=PRECISION)
+    elif SECOND == 2:
+        x = tl.load(x_ptrs, mask=b_mask, other=0.0)
+        if INTERPRETER:
+            x = x.to(tl.float32)
+        acc2 += tl.dot(a, x, input_precision=PRECISION)
+    if SQUARES == 1:
+        a32 = a.to(tl.float32)
+        squares += tl.sum(a32 * a32, axis=1)
+    elif SQUARES == 2:
+        b32 = b.to(tl.float32)
+        squares += tl.sum(b32 * b32, axis=0)
+    return acc, acc2, squares
 
 
 @triton.jit
