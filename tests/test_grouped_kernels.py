@@ -419,3 +419,20 @@ def test_grouped_step_replays_in_a_cuda_graph():
             reference_step("left", twin, twin["grad"], size, 0.25, 1e-2 / t, wd)
     torch.cuda.synchronize()
     check(probs, twins, start, torch.float32, [f"{m}x{n}" for m, n, *_ in LARGE])
+
+
+def test_aligned_hint_checks_the_loaded_strides_not_the_unit_one():
+    """ALIGNED (tl.multiple_of hints on addresses and strides) holds for ordinary dense operands, in either
+    layout, and is refused for an odd address, a stride that is not a multiple of 8, or an R buffer (read
+    with N's strides) at an odd address. (Under the interpreter the hint changes nothing, so a wrong promise
+    would only show on a GPU, as a misaligned access or wrong numbers: hence this test of the host rule.)"""
+    from lowrank_kernels.kernels._tables import Operand, launch_layouts
+    base = torch.empty(64 * 128 + 8, dtype=torch.bfloat16)
+    W = base[:64 * 128].view(64, 128)
+    assert launch_layouts({"W": [Operand.of(W)]})["ALIGNED"]                      # row-major: layout 1
+    assert launch_layouts({"W": [Operand.of(W.T)]})["ALIGNED"]                    # column-major: layout 2
+    assert launch_layouts({"W": [Operand.of(W, transposed=True)]})["ALIGNED"]
+    assert not launch_layouts({"W": [Operand.of(base[1:1 + 64 * 128].view(64, 128))]})["ALIGNED"]
+    odd = torch.empty(64, 129, dtype=torch.bfloat16)
+    assert not launch_layouts({"W": [Operand.of(odd)]})["ALIGNED"]                # row stride 129
+    assert not launch_layouts({"W": [Operand.of(W)]}, also=[base[1:9]])["ALIGNED"]

@@ -16,6 +16,7 @@ addresses, so they must be rebuilt when a tensor they name is reallocated; ``sig
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import triton.language as tl
@@ -61,14 +62,17 @@ def aligned(ops: list, unit: int) -> bool:
     """Every address 16-byte aligned and every stride the kernel loads (all but the unit one of layout
     ``unit``) a multiple of 8 elements: the kernels may then promise the compiler so (tl.multiple_of) and
     vectorise their loads. Odd shapes run unhinted."""
-    loaded = [d for d in (0, 1) if d != unit - 1]
+    loaded = [d for d in (0, 1) if d != 2 - unit]  # layout 1: dim 1 is the unit one; layout 2: dim 0
     return all(o.ptr % 16 == 0 and all(o.strides[d] % 8 == 0 for d in loaded) for o in ops)
 
 
-def launch_layouts(operands: dict) -> dict:
-    """{name: [Operand per problem]} -> the launch's constexprs NAME_LAYOUT and ALIGNED."""
+def launch_layouts(operands: dict, also: Optional[list] = None) -> dict:
+    """{name: [Operand per problem]} -> the launch's constexprs NAME_LAYOUT and ALIGNED. ``also``: tensors
+    the kernel addresses with another operand's strides (a buffer of N's layout): their addresses must
+    be 16-byte aligned too for ALIGNED."""
     meta = {f"{name}_LAYOUT": layout(ops) for name, ops in operands.items()}
     meta["ALIGNED"] = all(aligned(ops, meta[f"{name}_LAYOUT"]) for name, ops in operands.items())
+    meta["ALIGNED"] = meta["ALIGNED"] and all(t.data_ptr() % 16 == 0 for t in also or ())
     return meta
 
 

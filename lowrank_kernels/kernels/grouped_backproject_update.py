@@ -174,7 +174,7 @@ def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, w
     names = "WABG" if code else "WAB"
     meta = dict(DTYPE=TL_DTYPE[dtype], W_DTYPE=TL_DTYPE[w_dtype], PRECISION=_launch.dot_precision(dtype),
                 DIMS8=dims_multiple_of_8(dims), **cfg,
-                **launch_layouts({k: [ops[k] for ops, _ in described] for k in names}))
+                **launch_layouts({k: [ops[k] for ops, _ in described] for k in names}, _hinted(problems)))
     if code:  # the galore launch keeps its constexprs (and compiled variants) as before
         meta.update(RULE=code, SECOND=2 if side == "left" else 1, CHANNEL_AXIS=1 if side == "left" else 0,
                     TENSORWISE=tensorwise)
@@ -189,7 +189,12 @@ def refresh_grads(table: KernelTable, side: str, problems: list, grads: list) ->
         updates[slot, _G.value], updates[slot, _S_G.value], updates[slot, _S_G.value + 1] = op.ptr, *op.strides
     table.rewrite(updates)
     ops = [describe(side, p, g)[0] for p, g in zip(problems, grads)]
-    table.meta.update(launch_layouts({k: [o[k] for o in ops] for k in "WABG"}))
+    table.meta.update(launch_layouts({k: [o[k] for o in ops] for k in "WABG"}, _hinted(problems)))
+
+
+def _hinted(problems: list) -> list:
+    """The R buffers (the X operand, read with N's strides): part of the launch's ALIGNED promise."""
+    return [p["R"] for p in problems if p.get("R") is not None]
 
 
 def launch(table: KernelTable, scalars: torch.Tensor) -> None:

@@ -176,7 +176,7 @@ def build(side: str, problems: list, device: torch.device, dtype: torch.dtype, m
     tiles = [triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(J, cfg["BLOCK_J"]) for I, J, _ in dims]
     meta = dict(DTYPE=TL_DTYPE[dtype], M_DTYPE=TL_DTYPE[m_dtype], V_DTYPE=TL_DTYPE[v_dtype],
                 PRECISION=_launch.dot_precision(dtype), DIMS8=dims_multiple_of_8(dims), **cfg,
-                **launch_layouts({k: [ops[k] for ops, _ in described] for k in "ABMVN"}))
+                **launch_layouts({k: [ops[k] for ops, _ in described] for k in "ABMVN"}, _hinted(problems)))
     flags = dict(ADAM=adam, STORE_R=store_r, NORMS=norms, GNORM=gnorm, RANK_AXIS=0 if side == "left" else 1)
     meta.update({k: v for k, v in flags.items() if v != _DEFAULTS[k]})  # the GaLore launch: as before
     return KernelTable.build([_row(ops, d, p) for (ops, d), p in zip(described, problems)], tiles,
@@ -196,7 +196,12 @@ def refresh_grads(table: KernelTable, side: str, problems: list, grads: list) ->
         op = described[p][0][key]
         updates[slot, col], updates[slot, scol], updates[slot, scol + 1] = op.ptr, *op.strides
     table.rewrite(updates)
-    table.meta.update(launch_layouts({k: [ops[k] for ops, _ in described] for k in "ABMVN"}))
+    table.meta.update(launch_layouts({k: [ops[k] for ops, _ in described] for k in "ABMVN"}, _hinted(problems)))
+
+
+def _hinted(problems: list) -> list:
+    """The R buffers (read with N's strides): part of the launch's ALIGNED promise."""
+    return [p["R"] for p in problems if p.get("R") is not None]
 
 
 def launch(table: KernelTable, hyper: torch.Tensor) -> None:
