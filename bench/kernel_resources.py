@@ -110,7 +110,7 @@ def cases():
     yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
     # as the host builds the tables today: _tables.aligned() tests the unit stride instead of the loaded one,
     # so ALIGNED is False for every launch of contiguous operands (the ANALYSIS's first point)
-    shape = f"{M}x{N} r=512, ALIGNED=0 (as launched)"
+    shape = f"{M}x{N} r=512, ALIGNED=0 (as launched before the fix)"
     layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=False, DIMS8=7)
     cx, w, s = gemm(512, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
     yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
@@ -209,15 +209,16 @@ here claims a speedup). Tile configs are the launchers' fixed ones. The same tab
 (this machine's) and 3.6.0 (the H100 machine's, torch 2.11.0+cu130): register counts differ between them
 (each bundles its own ptxas), pipelining decisions do not.
 
-- **As launched today, no grouped GEMM gets any alignment hint (bug, not fixed here).** `_tables.aligned()`
-  checks the stride the kernel does *not* load (`d != unit - 1` where it means `d != 2 - unit`): for a
-  unit-stride layout it tests the unit stride, 1 % 8 != 0, so ALIGNED is False for every launch of contiguous
-  or transposed operands (a 64 x 128 bf16 tensor and its transpose both report unaligned). The kernels then
-  compile like rows "ALIGNED=0 (as launched)": K loop **not pipelined**, 2-byte loads and stores, kernel (a)
-  spilling 1.7 KB (3.9) / 2.3 KB (3.6.0) per thread, whatever DIMS8 says. The DIMS8 rows and the hinted rows
-  above describe the code the fix would produce. The fix is one line, but the kernels also hint pointers the
-  host never checks (kernel (a)'s R buffer, kernel (b)'s X = R operand): they need adding to the check
-  first, and a GPU run of the hinted step (`pytest -m gpu tests/test_grouped_kernels.py`) after.
+- **Alignment hints: a host bug, fixed after these tables were generated (the rows stand).**
+  `_tables.aligned()` checked the stride the kernel does *not* load (`d != unit - 1` where it meant
+  `d != 2 - unit`): for a unit-stride layout it tested the unit stride, 1 % 8 != 0, so no grouped launch of
+  contiguous or transposed operands ever got ALIGNED, and every one compiled like the rows "ALIGNED=0 (as
+  launched before the fix)": K loop **not pipelined**, 2-byte loads and stores, kernel (a) spilling 1.7 KB
+  (3.9) / 2.3 KB (3.6.0) per thread, whatever DIMS8 said. The H100 timings of 2026-11-23 ran that code.
+  Fixed: the check reads `d != 2 - unit`, and the R buffers kernels (a) and (b) address with N's strides
+  join it (tests/test_grouped_kernels.py::test_aligned_hint_checks_the_loaded_strides_not_the_unit_one), so
+  dense, 16-byte-aligned launches now compile like the hinted rows above. Not yet run or timed on a GPU
+  (`pytest -m gpu tests/test_grouped_kernels.py`, then bench/bench_model_step.py).
 - **Why the grouped GEMMs were not pipelined (the DIMS8 hint).** Every grouped kernel reads I, J, K from its
   table row, so the compiler knew nothing about their divisibility, and the bounds masks (`offs < I`,
   `offs < J`, the K mask) were constant over only one element along the contiguous axis. A load's vector
@@ -253,7 +254,7 @@ here claims a speedup). Tile configs are the launchers' fixed ones. The same tab
     "right"). The rows formerly labelled "1B layout" assumed aligned rows; they are relabelled "padded rows".
   - Every hinted row at the goal shapes keeps its registers within 2 and its shared memory (3.9 and 3.6.0);
     the unhinted rows change: DIMS8=0 kernel (b) is now pipelined (64 KB; 3.6.0: 255 registers, spill 56 ->
-    96 B), "as launched" kernel (b) spills more (3.9: 0 -> 56 B, 3.6.0: 8 -> 152 B), which the ALIGNED fix
+    96 B), "as launched before the fix" kernel (b) spills more (3.9: 0 -> 56 B, 3.6.0: 8 -> 152 B), which the ALIGNED fix
     would remove from the hinted launches. "Before" numbers: the same script on the previous commit.
 - **Odd J in kernel (b)'s epilogue (not changed).** W is read and written with 2-byte accesses when J (W's
   contiguous axis) is odd (rows "padded rows": 128 `ld/st.global.b16`, 178 / 255 registers). Interior tiles
