@@ -100,23 +100,17 @@ def cases():
     yield "grouped_project_adam (right)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
     cx, w, s = gemm(N, M, 512, dict(DTYPE=b, W_DTYPE=b, W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=2, ALIGNED=True, DIMS8=7))
     yield "grouped_backproject_update (right)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
-    # one problem of the launch with an odd extent on every axis: no DIMS8 hint (kernels/_grouped_device.py)
-    shape = f"{M}x{N} r=512, DIMS8=0"
-    layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=True, DIMS8=0)
-    cx, w, s = gemm(512, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
-    yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
-    layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=True, DIMS8=0)
-    cx, w, s = gemm(M, N, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
-    yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
-    # as the host builds the tables today: _tables.aligned() tests the unit stride instead of the loaded one,
-    # so ALIGNED is False for every launch of contiguous operands (the ANALYSIS's first point)
-    shape = f"{M}x{N} r=512, ALIGNED=0 (as launched before the fix)"
-    layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=False, DIMS8=7)
-    cx, w, s = gemm(512, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
-    yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
-    layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=False, DIMS8=7)
-    cx, w, s = gemm(M, N, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
-    yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
+    # one problem of the launch with an odd extent on every axis: no DIMS8 hint (kernels/_grouped_device.py);
+    # then as the host built the tables before the _tables.aligned() fix (it tested the unit stride instead
+    # of the loaded one, so ALIGNED was False for every launch of contiguous operands: the ANALYSIS's first point)
+    for label, aligned, dims8 in (("DIMS8=0", True, 0), ("ALIGNED=0 (as launched before the fix)", False, 7)):
+        shape = f"{M}x{N} r=512, {label}"
+        layouts = dict(A_LAYOUT=2, B_LAYOUT=1, M_LAYOUT=1, V_LAYOUT=1, N_LAYOUT=1, ALIGNED=aligned, DIMS8=dims8)
+        cx, w, s = gemm(512, N, M, dict(DTYPE=b, M_DTYPE=b, V_DTYPE=b, **layouts))
+        yield "grouped_project_adam (left)", shape, aot._grouped_project_adam_kernel, aot.TABLES, cx, w, s
+        layouts = dict(W_LAYOUT=1, A_LAYOUT=1, B_LAYOUT=1, ALIGNED=aligned, DIMS8=dims8)
+        cx, w, s = gemm(M, N, 512, dict(DTYPE=b, W_DTYPE=b, **layouts))
+        yield "grouped_backproject_update (left)", shape, aot._grouped_backproject_update_kernel, aot.TABLES, cx, w, s
     # K = 5461 (LLaMA-1B's MLP size) on the contiguous axis of G, rank 512 (R = G Q, I = m, J = r, K = n), and
     # J = 5461 for kernel (b)'s W. Grouped: rows padded to a multiple of 8 elements (ALIGNED), so only the odd
     # extent's DIMS8 bit is missing. Per parameter: a contiguous G (row stride 5461: its rows are misaligned,
