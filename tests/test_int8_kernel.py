@@ -218,14 +218,11 @@ def test_blocks_per_program_does_not_change_results():
     assert all(torch.equal(o[k], out[0][k]) for o in out[1:] for k in gia.STATE_KEYS + ("N",))
 
 
-def test_torch_cpu_sqrt_is_not_exact():
-    """Why N is compared with a correctly rounded sqrt: if torch's fp32 CPU sqrt became exact, the
-    reference's N would be the kernel's and check_n could be tightened to torch.equal."""
+def test_torch_cpu_sqrt_is_within_one_ulp():
+    """check_n's bound on N against the reference (2 fp32 ulps) assumes torch's fp32 CPU sqrt is off the
+    correctly rounded one by at most 1 ulp (this build's is off at some entries; an exact one also passes)."""
     v = torch.rand(4096, generator=torch.Generator().manual_seed(4))  # CPU: the interpreter's reference
-    off = (v.sqrt() != v.double().sqrt().float()).sum().item()
-    if off == 0:
-        pytest.skip("this torch build's fp32 sqrt is correctly rounded: N equals the reference's exactly")
-    assert off < 0.5 * v.numel()
+    assert within_ulps(v.sqrt(), v.double().sqrt().float(), 1)
 
 
 def test_tables_and_errors():

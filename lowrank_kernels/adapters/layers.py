@@ -7,6 +7,8 @@ optimizer's lr, which at a scaled lr). Factors live in the base weight's dtype a
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +20,7 @@ def _param(t: torch.Tensor, trainable: bool) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=trainable)
 
 
-class AdapterLinear(nn.Module):
+class AdapterLinear(nn.Module, abc.ABC):
     """Common part: the frozen base layer, merge / unmerge, adapter-only tensors."""
 
     def __init__(self, base_layer: nn.Linear):
@@ -44,11 +46,13 @@ class AdapterLinear(nn.Module):
         y = self.base_layer(x)
         return y if self.merged else y + self.adapter_forward(x).to(y.dtype)
 
+    @abc.abstractmethod
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's additive output for input ``x``."""
 
+    @abc.abstractmethod
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's weight update (out x in, fp32), what merge adds to the base weight."""
 
     def roles(self) -> dict[str, list[nn.Parameter]]:
         """``{"main": [...], "outer": [...]}``: trainable parameters at lr and at a scaled lr."""
