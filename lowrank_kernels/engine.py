@@ -395,9 +395,12 @@ class StepEngine:
         captured CUDA graph and the grouped tables stay valid. The memory is the matrix's, as in APOLLO.
         """
         state = pr.state
+        P, Q = state.get("proj_left"), state.get("proj_right")
+        if P is not None or Q is not None:  # a stored basis (svd, rsvd, warm): the common case, no lookup
+            return P, Q
         token = _compact_token(state)
         if not token:
-            return state.get("proj_left"), state.get("proj_right")
+            return None, None
         key = (state["rank"], tuple(pr.grad.shape), pr.grad.dtype, pr.grad.device)
         cached = self._bases.get(pr.p)
         if cached is None or cached[0] != key or not _same_token(cached[1], token):
