@@ -120,7 +120,8 @@ def limited_steps(twin) -> int:
 
 
 # fp32: rtol 1e-4 on W_T - W_0 norm-wise (module docstring); bf16: test_kernels' bound for galore (12%)
-W_TOL = {torch.float32: 1e-4, torch.bfloat16: LOW_PRECISION_TOL[torch.bfloat16]}
+W_TOL = {torch.float32: 1e-4, torch.bfloat16: LOW_PRECISION_TOL[torch.bfloat16],
+         torch.float16: LOW_PRECISION_TOL[torch.float16]}
 
 
 def check_rule(rule, dtype, probs, twins, start, limited=None):
@@ -164,6 +165,14 @@ def test_limiter_not_triggered(rule):
 def test_rule_matches_reference_bf16(rule, side):
     probs, twins, start = run_rule(rule, side, torch.bfloat16, GROWTH["grow"])
     check_rule(rule, torch.bfloat16, probs, twins, start)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_matches_reference_fp16(rule):
+    """fp16 weights, gradients and moments (test_kernels' fp16 bound on W_T - W_0), both orientations."""
+    for side in ("left", "right"):
+        probs, twins, start = run_rule(rule, side, torch.float16, GROWTH["grow"])
+        check_rule(rule, torch.float16, probs, twins, start)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
