@@ -8,16 +8,19 @@ its own process with its own time limit (a failing or timed-out stage does not s
    --no-index .`` (README's command; if pip cannot build a wheel here, ``setup.py build_ext --inplace``);
 3. ``import``: in a fresh interpreter outside the repository, the installed package loads its compiled
    rsvd (``cuda_ext_available()``, and a CUDA kernel registered for ``lowrank_kernels::rsvd``);
-4. ``tests-ext``: tests/test_cuda_ext.py and tests/test_rsvd.py, requiring the compiled kernel;
-5. ``bench-step``, ``bench-rsvd``: the goal shapes (4096x11008 bf16, ranks 128, 512, 1024);
-6. ``tests-gpu``: every GPU test, ``python -m pytest -q tests -m gpu``.
+4. ``bench-model-step``: the whole optimizer step of the 60M and 1B LLaMA layouts (bf16), ours with and
+   without a CUDA graph against torch AdamW(fused=True) (bench/bench_model_step.py): issue 10's target,
+   first so that a short lease still measures it;
+5. ``tests-gpu``: every GPU test, ``python -m pytest -q tests -m gpu``;
+6. ``tests-ext``: tests/test_cuda_ext.py and tests/test_rsvd.py, requiring the compiled kernel;
+7. ``bench-step``, ``bench-rsvd``: the goal shapes (4096x11008 bf16, ranks 128, 512, 1024).
 
 Tests run on the installed package (tests/conftest.py prefers an installed build whose sources match
 this checkout, and prints which package and which rsvd kernel it uses). Results (device, date,
 versions, min/median/max) go to bench/results/, with a summary ``gpu_run_<device>_<date>.md`` holding
 each stage's status, time and log tail; when $OUT is set, the results and full logs are copied there
-too. The exit code is the number of failed stages (0: all passed). Whole run: about 8 minutes at most
-(``--budget``); a stage gets at most its own limit and never more than the time left.
+too. The exit code is the number of failed stages (0: all passed). Whole run: about 9 minutes at most
+(``--budget``; the device tool allows 10 per command); a stage gets at most its own limit and never more than the time left.
 """
 from __future__ import annotations
 
@@ -141,7 +144,7 @@ def device_slug() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=470.0, help="seconds for the whole run (default 470)")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run (default 540)")
     parser.add_argument("--skip-build", action="store_true", help="use the package as installed")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget
@@ -170,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         stages.append(("build", ["bash", "-c", build], 240, {}))
     stages += [
         ("import", [py, "-c", IMPORT_CHECK], 90, {}),  # cwd: a temp dir, so the installed package loads
+        ("bench-model-step", [py, os.path.join(HERE, "bench_model_step.py"), "--layouts", "60M", "1B",
+                              "--rep", "10", "--kinds", "ours", "ours+graph", "torch AdamW",
+                              "--out", RESULTS], 150, {}),
+        ("tests-gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-m", "gpu"], 300, require),
         ("tests-ext", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_ext.py",
                        "tests/test_rsvd.py"], 150, require),
         ("bench-step", [py, os.path.join(HERE, "bench_step.py")] + GOAL, 150, results_env),
         ("bench-rsvd", [py, os.path.join(HERE, "bench_rsvd.py")] + GOAL, 150, results_env),
-        ("tests-gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-m", "gpu"], 300, require),
     ]
     report = []
     for name, cmd, limit, env in stages:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             report.append({"stage": name, "status": "skipped (no time left)", "seconds": 0.0, "log": ""})
             continue
         cwd = tempfile.mkdtemp(prefix="lowrank_import_") if name == "import" else REPO  # away from ./lowrank_kernels
-        if name in ("import", "bench-step", "bench-rsvd") and use_checkout(py):
+        if name in ("import", "bench-model-step", "bench-step", "bench-rsvd") and use_checkout(py):
             env = {**env, "PYTHONPATH": REPO}  # an in-place build, or nothing installed
         report.append(run_stage(name, cmd, min(limit, left), log_dir, env=env, cwd=cwd))
 
