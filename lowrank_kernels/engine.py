@@ -564,7 +564,7 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
         else:
             M32, V32 = M, V
         D = torch._foreach_sqrt(V32)
-        torch._foreach_add_(D, scalar(eps))
+        torch._foreach_add_(D, float(eps))  # a tensor here would be read with .item(): a float, so no read
         N = torch._foreach_div(M32, D)
         if N[0].dtype != R[0].dtype:
             N = [n.to(r.dtype) for n, r in zip(N, R)]

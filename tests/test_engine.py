@@ -225,6 +225,35 @@ def test_ordinary_step_never_synchronises():
         assert not ordinary.syncs, f"host synchronisation in an ordinary step: {ordinary.syncs}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("options", [{}, {"update": "fira"}, {"update": "frugal"}, {"update": "apollo"},
+                                     {"state_dtype": "int8"}, {"projector": "random"}, {"projector": "dct"},
+                                     {"proj_type": "full"}, {"rank_policy": "energy", "projector": "rsvd"},
+                                     {"check_finite": True}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "galore")
+def test_default_ordinary_steps_read_no_tensor_value(backend, options):
+    """As a user would check it, without forcing device scalars: an ordinary step of a default optimizer
+    reads no tensor value on the host (no _local_scalar_dense), on every option of the whole-model step.
+    (On CPU such a read is not a device sync, but it is the op a CUDA run would block on; the CPU path's
+    cached 0-dim scalars once leaked one per bucket through foreach_add's Tensor overload.)"""
+    g = torch.Generator().manual_seed(3)
+    ps = [nn.Parameter(torch.randn(13, 9, generator=g)), nn.Parameter(torch.randn(9, 11, generator=g)),
+          nn.Parameter(torch.randn(7, generator=g))]
+    opt = GaLoreAdamW([{"params": ps[:2], "rank": 3, "update_proj_gap": 4, **options}, {"params": ps[2:]}],
+                      lr=1e-2, weight_decay=0.01, backend=backend)
+    ordinary = 0
+    for _ in range(6):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        due = opt.refresh_due()
+        with Recorder() as seen:
+            opt.step()
+        if not due:
+            ordinary += 1
+            assert not seen.syncs, f"a tensor value read on the host in an ordinary step: {seen.syncs}"
+    assert ordinary == 4  # refreshes at steps 1 and 5
+
+
 def test_ordinary_step_runs_on_meta_tensors():
     """On meta tensors any read of a value (.item(), bool(), .tolist()) raises: a second, independent check."""
     groups = [g for g in mixed_groups(mixed_params(device="meta")) if g.get("rank_policy") != "energy"]
