@@ -178,9 +178,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # ---- pickling and deepcopy ------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """torch.optim pickles only defaults, state and param_groups; keep every public attribute too
-        (``backend``), so a deepcopy or an unpickled optimizer steps as the original does."""
+        (``backend``), so a deepcopy or an unpickled optimizer steps as the original does. Not instance
+        attributes that shadow the class's (an LR scheduler's ``step`` wrapper holds a weak reference to
+        THIS optimizer: a copy would step the original, and pickling it fails); torch.optim drops them too."""
         state = super().__getstate__()
-        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        cls = type(self)
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") and not hasattr(cls, k)})
         return state
 
     def __setstate__(self, state: dict) -> None:
