@@ -141,6 +141,45 @@ def test_a_1d_or_0d_parameter_in_a_group_with_rank_is_refused_at_construction(sh
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["item", "list"])
+def test_a_parameter_swapped_into_a_group_is_the_one_stepped(backend, how):
+    """torch.optim reads param_groups afresh at every step: a tensor put in place of another (the same
+    number of parameters, so only identities change) is stepped, and the one it replaced is not. It then
+    steps exactly like a parameter that was in the group from the start without a gradient until now.
+    (A cache keyed on the groups' sizes stepped the old tensor and never the new one.)"""
+    params, opt = make(backend)
+    ref_params, ref = make(backend)
+    run(params, opt, 2)
+    run(ref_params, ref, 2, skip={0: (0,), 1: (0,)})  # ref's 13x9 weight: no gradient so far
+    new = nn.Parameter(ref_params[0].detach().clone())
+    if how == "item":
+        opt.param_groups[1]["params"][0] = new
+    else:
+        opt.param_groups[1]["params"] = [new] + opt.param_groups[1]["params"][1:]
+    old, old_value = params[0], params[0].detach().clone()
+    params[0] = new
+    old.grad = torch.ones_like(old)
+    run(params, opt, 3, start=2)
+    run(ref_params, ref, 3, start=2)
+    assert torch.equal(old, old_value) and opt.state[old]["step"] == 2  # its state stays, as in torch.optim
+    assert same_params(params, ref_params)
+    assert opt.state[new]["step"] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_param_follows_a_swapped_parameter(backend):
+    params, opt = make(backend)
+    run(params, opt, 1)
+    new = nn.Parameter(params[1].detach().clone())
+    opt.param_groups[1]["params"][1] = new
+    new.grad = torch.ones_like(new)
+    opt.step_param(new)
+    assert opt.state[new]["step"] == 1
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt.step_param(params[1])
+
+
 # ---- state_dict / load_state_dict ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_training_through_weights_only_load_continues_bit_for_bit(backend):
