@@ -180,6 +180,23 @@ def test_step_param_follows_a_swapped_parameter(backend):
         opt.step_param(params[1])
 
 
+@pytest.mark.parametrize("key,value", [("betas", (torch.tensor(0.9), 0.999)), ("betas", (0.9, torch.tensor(0.99))),
+                                       ("eps", torch.tensor(1e-6)), ("weight_decay", torch.tensor(0.1))])
+def test_tensor_hyperparameters_other_than_lr_are_refused_clearly(key, value):
+    """torch.optim.AdamW takes tensor betas; here only lr may be a tensor, and the error says so (it said
+    "tensor(0.9000) must be in [0, 1)"), at construction and when a group is edited later."""
+    with pytest.raises(ValueError, match="must be a Python number; only lr may be a tensor"):
+        GaLoreAdamW([nn.Parameter(torch.randn(3))], **{key: value})
+    params, opt = make("torch")
+    run(params, opt, 1)
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[1][key] = value
+    set_grads(params, 1)
+    with pytest.raises(ValueError, match="only lr may be a tensor.*param group 1; nothing was updated"):
+        opt.step()
+    assert same_params(params, before)
+
+
 # ---- state_dict / load_state_dict ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_training_through_weights_only_load_continues_bit_for_bit(backend):
@@ -203,6 +220,73 @@ def test_resume_mid_training_through_weights_only_load_continues_bit_for_bit(bac
     run(resumed, opt2, 4, start=3, skip=skip)
     assert same_params(params, resumed)
     same_state(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loading_an_earlier_checkpoint_into_the_same_optimizer_rewinds_it(backend):
+    """Load the step-3 checkpoint back into the optimizer that has since taken 3 more steps (the grouped
+    path's cached tables and device step counts point at the replaced state): it continues exactly as a
+    run that stopped at step 3. A parameter that had no state at step 3 loses the state it gained since."""
+    skip = {s: (4,) for s in range(3)}
+    params, opt = make(backend)
+    run(params, opt, 3, skip=skip)
+    checkpoint = saved({"params": [p.detach().clone() for p in params], "optim": opt.state_dict()})
+    run(params, opt, 3, start=3)
+    with torch.no_grad():
+        for p, q in zip(params, checkpoint["params"]):
+            p.copy_(q)
+    opt.load_state_dict(checkpoint["optim"])
+    assert params[4] not in opt.state
+    ref_params, ref = make(backend)
+    run(ref_params, ref, 3, skip=skip)
+    run(params, opt, 3, start=3)
+    run(ref_params, ref, 3, start=3)
+    assert same_params(params, ref_params)
+    same_state(opt.state_dict(), ref.state_dict())
+
+
+def test_a_checkpoint_moves_between_backends():
+    """The triton and torch backends keep the same state layout: a checkpoint of one resumes on the other.
+    Across backends the sums run in another order (tiled kernels against BLAS), so agreement is to fp32
+    roundoff accumulated over 5 steps (relative 1e-5 of the update), not bitwise."""
+    pytest.importorskip("triton")
+    tri_params, tri = make("triton")
+    run(tri_params, tri, 3)
+    checkpoint = saved(tri.state_dict())
+    params, opt = make("torch")
+    with torch.no_grad():
+        for p, q in zip(params, tri_params):
+            p.copy_(q)
+    opt.load_state_dict(checkpoint)
+    same_state(opt.state_dict(), checkpoint)
+    start = [p.detach().clone() for p in params]
+    run(tri_params, tri, 2, start=3)
+    run(params, opt, 2, start=3)  # step 4 refreshes: the SVD of nearly equal gradients, bases nearly equal
+    for p, q, s in zip(params, tri_params, start):
+        torch.testing.assert_close(p - s, q - s, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_steps_the_optimizer_like_unscaled_gradients(backend):
+    """torch.amp.GradScaler unscales in place through param_groups, then calls step(); an inf skips it."""
+    params, opt = make(backend)
+    ref_params, ref = make(backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1000)
+    for s in range(3):
+        scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+        set_grads(params, s)
+        set_grads(ref_params, s)
+        for p in params:
+            p.grad.mul_(scaler.get_scale())  # exact: a power of two
+        if s == 1:
+            params[0].grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if s != 1:
+            ref.step()
+    assert scaler.get_scale() == 4.0  # halved once, at the skipped step
+    assert same_params(params, ref_params)
+    assert opt.state[params[0]]["step"] == 2
 
 
 def test_state_dict_is_plain_python_and_tensors():
