@@ -393,6 +393,33 @@ def test_layerwise_updates_fire_the_step_hooks_once_per_optimizer_step(backend):
     assert opt.state[weights[0]]["step"] == 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layerwise_updates_under_a_scheduler_equal_the_whole_model_step(backend):
+    """Layer-wise steps (one step composition per parameter on the device-scalar path) follow an lr and
+    beta1 schedule exactly as the whole-model step does."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(9, 13), nn.Tanh(), nn.Linear(13, 5))
+        opt = GaLoreAdamW([{"params": [model[0].bias, model[2].bias]},
+                           {"params": [model[0].weight, model[2].weight], **GROUP}], lr=1e-2, backend=backend)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-2, total_steps=5, base_momentum=0.7,
+                                                    max_momentum=0.95)
+        return model, opt, sched
+
+    whole, layerwise = build(), build()
+    g = torch.Generator().manual_seed(4)
+    with LayerwiseUpdates(layerwise[1]) as lw:
+        for _ in range(4):
+            x = torch.randn(3, 9, generator=g)
+            whole[1].zero_grad()
+            whole[0](x).square().mean().backward()
+            whole[1].step()
+            assert lw.backward(layerwise[0](x).square().mean())
+            whole[2].step()
+            layerwise[2].step()
+    assert same_params(whole[0].parameters(), layerwise[0].parameters())
+
+
 # ---- closure and zero_grad ------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_closure_is_called_once_with_grad_enabled_and_its_loss_returned(backend):
