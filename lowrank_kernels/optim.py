@@ -178,9 +178,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # ---- pickling and deepcopy ------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """torch.optim pickles only defaults, state and param_groups; keep every public attribute too
-        (``backend``), so a deepcopy or an unpickled optimizer steps as the original does."""
+        (``backend``), so a deepcopy or an unpickled optimizer steps as the original does. Not instance
+        attributes that shadow the class's (an LR scheduler's ``step`` wrapper holds a weak reference to
+        THIS optimizer: a copy would step the original, and pickling it fails); torch.optim drops them too."""
         state = super().__getstate__()
-        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        cls = type(self)
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") and not hasattr(cls, k)})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -211,24 +214,40 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ---- step -----------------------------------------------------------------------------------------
-    def _positions(self) -> dict:
+    def _positions(self, param: Optional[torch.Tensor] = None) -> dict:
         """{param: (group, index in group, position over all groups)}, rebuilt when the groups change.
 
         The position numbers parameters as state_dict does; it seeds rsvd refreshes and names a parameter
-        in errors. Cached so that step_param, called once per parameter per step, stays O(1).
+        in errors. Cached so that step_param, called once per parameter per step, stays O(1): with
+        ``param``, only that parameter's entry is verified (see :meth:`_records`).
         """
-        return self._records()[0]
+        return self._records(param)[0]
 
-    def _records(self) -> tuple:
-        """(positions, {param: _Record}, [_Record in position order]), rebuilt when the groups change."""
-        key = tuple((id(g), len(g["params"])) for g in self.param_groups)
+    def _records(self, param: Optional[torch.Tensor] = None) -> tuple:
+        """(positions, {param: _Record}, [_Record in position order]), rebuilt when the groups change: a
+        group added, removed or replaced, or a group's parameters (torch.optim reads ``param_groups`` afresh
+        at every step, so a tensor swapped into ``group["params"]`` must be stepped, not the one it replaced).
+
+        Every parameter's identity is compared (O(n), as cheap as the step's own loop), except with
+        ``param`` (step_param): then only its own entry is, and a stale one triggers the full comparison.
+        """
+        groups = self.param_groups
+        key = tuple((id(g), len(g["params"])) for g in groups)
         cached = self.__dict__.get("_records_cache")
-        if cached is None or cached[0] != key:
-            flat = chain.from_iterable(((g, i, p) for i, p in enumerate(g["params"])) for g in self.param_groups)
-            positions = {p: (g, i, pos) for pos, (g, i, p) in enumerate(flat)}
-            records = {p: _Record(self, g, i, p, pos) for p, (g, i, pos) in positions.items()}
-            cached = self.__dict__["_records_cache"] = (key, positions, records, list(records.values()))
-        return cached[1:]
+        if cached is not None and cached[0] == key:
+            if param is not None:
+                where = cached[2].get(param)
+                if where is not None and where[0]["params"][where[1]] is param:
+                    return cached[2:]
+            # the cache holds every parameter, so an id in it cannot be reused by another tensor
+            if cached[1] == tuple(tuple(map(id, g["params"])) for g in groups):
+                return cached[2:]
+        flat = chain.from_iterable(((g, i, p) for i, p in enumerate(g["params"])) for g in groups)
+        positions = {p: (g, i, pos) for pos, (g, i, p) in enumerate(flat)}
+        records = {p: _Record(self, g, i, p, pos) for p, (g, i, pos) in positions.items()}
+        ids = tuple(tuple(map(id, g["params"])) for g in groups)
+        cached = self.__dict__["_records_cache"] = (key, ids, positions, records, list(records.values()))
+        return cached[2:]
 
     def _param_label(self, group: dict, index_in_group: int, p: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -323,11 +342,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _plan(self, params: Optional[list] = None) -> list:
         """Validate everything a step will touch before anything changes; return the work list."""
-        _, by_param, ordered = self._records()
         if params is None:
             tokens = {id(group): self._check_group(group) for group in self.param_groups}
-            records = ordered
-        else:
+            records = self._records()[2]
+        else:  # step_param: O(1) for its one parameter
+            by_param = self._records(params[0] if len(params) == 1 else None)[1]
             records = [by_param[p] for p in params]
             tokens = {id(rec.group): self._check_group(rec.group) for rec in records}
         backend_key = (self.backend, interpreter_on() if self.backend == "triton" else None)
@@ -389,7 +408,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
         settings, e.g. an lr set by a scheduler, apply as usual.
         """
-        if param not in self._positions():
+        if param not in self._positions(param):
             raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
         work = self._plan([param])
         if work:

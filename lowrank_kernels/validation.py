@@ -62,6 +62,12 @@ def check_hyperparameters(group: dict) -> None:
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    # torch.optim.AdamW also takes tensors here; the step reads them as host numbers, so say so plainly
+    # rather than "must be in [0, 1)" for a tensor(0.9)
+    for key, value in (("beta1", betas[0]), ("beta2", betas[1]), ("eps", eps), ("weight_decay", wd),
+                       ("scale", group.get("scale"))):
+        if isinstance(value, torch.Tensor):
+            raise ValueError(f"Invalid {key}: {value!r} (must be a Python number; only lr may be a tensor)")
     for i, b in enumerate(betas):
         if not is_real(b) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
