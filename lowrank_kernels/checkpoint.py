@@ -72,7 +72,7 @@ def _load_value(key, value, p: torch.Tensor, state_dtype):
     in place, and must not write through to the dict it came from)."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
-    if key in MOMENT_KEYS and state_dtype is not None:
+    if key in MOMENT_KEYS and state_dtype is not None and (value.dtype == torch.uint8) == (state_dtype == torch.uint8):
         out = value.to(device=p.device, dtype=state_dtype)
     elif key in QUANT_KEYS or not value.is_floating_point():  # int8 scales stay fp32; seeds, indices keep theirs
         out = value.to(device=p.device)

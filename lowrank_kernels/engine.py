@@ -115,7 +115,9 @@ class _Problem:
         moments = self.state.get("exp_avg")
         mdtype = moments.dtype if moments is not None else (STATE_DTYPES[group.get("state_dtype")]
                                                            or self.grad.dtype)
-        self.key = (p.device, p.dtype, self.side, mdtype)
+        # A gradient in another dtype than its parameter (grad_dtype) gets buckets and tables of its own.
+        dtype = p.dtype if self.grad.dtype == p.dtype else (p.dtype, self.grad.dtype)
+        self.key = (p.device, dtype, self.side, mdtype)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -412,6 +414,15 @@ class StepEngine:
             self._bases[pr.p] = cached
         bases = cached[2]
         return bases.get("proj_left"), bases.get("proj_right")
+
+    def built_for(self, p: torch.Tensor, state: dict) -> Optional[tuple]:
+        """The 2-D gradient shape the cached regenerated basis of ``p`` was built for, if it was built from
+        ``state``'s seed or column numbers (None otherwise). Such a state keeps no matrix whose shape would
+        show that ``p`` was resized since (optimizer planning asks, before anything changes)."""
+        cached = self._bases.get(p)
+        if cached is None or not _same_token(cached[1], _compact_token(state)):
+            return None
+        return cached[0][1]
 
     # ---- device scalars -----------------------------------------------------------------------------------
     def _device_scalars(self, opt, buckets: dict) -> tuple:

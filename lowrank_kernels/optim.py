@@ -7,12 +7,12 @@ from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
-from . import projection, update_rules
+from . import projection, quant, update_rules
 from .backends import BACKENDS, interpreter_on, step_function
 from .checkpoint import prepare_load
 from .distributed import fsdp
 from .engine import StepEngine
-from .projection import MOMENT_KEYS, STATE_DTYPES
+from .projection import BASIS_KEYS, STATE_DTYPES
 from .reference import adam_step_size
 from .validation import (check_hyperparameters, check_projectable, check_state_fits, expected_side,
                          fill_defaults, is_int)
@@ -27,6 +27,7 @@ class _Plan(NamedTuple):
     work: tuple  # (group, param, position, refresh?, state updates)
     restart: bool  # the group's structure changed: clear the state (keeping the step count) first
     recast: Optional[torch.dtype]  # the group's state_dtype changed: the moments' new dtype
+    rebase: Optional[torch.dtype]  # the gradient's dtype differs from the stored basis': the basis' new dtype
     check: Optional[str]  # why its gradient must be finite (None: no check)
     label: object  # str() names the parameter
     step: int
@@ -266,12 +267,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         hit = checked.get(id(group))  # (group, signature, token); the group is held, so its id stays its own
         if signature is not None and hit is not None and hit[0] is group and hit[1] == signature:
             return hit[2]
-        fill_defaults(group, self.defaults)
+        trial = dict(group)  # validated with its defaults filled in before the group itself changes
+        fill_defaults(trial, self.defaults)
         try:
-            check_hyperparameters(group)
+            check_hyperparameters(trial)
         except ValueError as exc:
             where = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
             raise ValueError(f"{exc} (param group {where}; nothing was updated)") from None
+        fill_defaults(group, self.defaults)
         token = object()
         if len(checked) > 4 * len(self.param_groups) + 16:  # groups dropped by load_state_dict
             checked.clear()
@@ -296,7 +299,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if grad.layout is not torch.strided or grad.is_complex() or grad.shape != shape or grad.device != p.device:
                 self._refuse_gradient(grad, p, label)
             refresh, updates = fsdp.plan_param(self.state.get(p, {}), group, p, label.__str__)
-            return _Plan((group, p, rec.index, refresh, updates), False, None, None, label,
+            return _Plan((group, p, rec.index, refresh, updates), False, None, None, None, label,
                          self.state.get(p, _NO_STATE).get("step", 0))
         fingerprint = (token, backend_key, shape, grad.shape, grad.dtype, grad.layout, grad.device, p.dtype,
                        p.device)
@@ -305,6 +308,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 self._refuse_gradient(grad, p, label)
             if "rank" in group:
                 check_projectable(p, projection.max_rank(group), label)
+            if not (p.is_floating_point() and grad.is_floating_point()):  # AdamW's moments need real floats
+                raise TypeError(f"{label} has dtype {p.dtype} and a gradient of {grad.dtype}: GaLoreAdamW optimises "
+                                "floating-point parameters only; nothing was updated")
             try:
                 step_function(self.backend, p, grad)
             except (RuntimeError, TypeError) as exc:
@@ -313,6 +319,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             rec.checked = fingerprint
         state = self.state.get(p, _NO_STATE)  # .get: planning must not create state entries
         made = check_state_fits(state, shape, label)
+        if made and "proj_left" not in state and "proj_right" not in state:  # a seed or column numbers
+            self._check_regenerated(p, state, label)
         # A parameter whose group changed structure since its state was made (proj_type now projects the
         # other side, rank added or removed) restarts: new basis, fresh moments, bias correction from here.
         restart = made is not False and made != rec.side
@@ -325,11 +333,29 @@ class GaLoreAdamW(torch.optim.Optimizer):
         check = "at a basis refresh" if refresh else "(check_finite=True)" if group["check_finite"] else None
         # state_dtype edited since the moments were made: they move to the new dtype (values kept).
         moments = state.get("exp_avg")
-        recast = None
+        recast = rebase = None
         if moments is not None and not restart:
             want = STATE_DTYPES[group.get("state_dtype")] or grad.dtype
             recast = want if moments.dtype != want else None
-        return _Plan((group, p, rec.index, refresh, updates), restart, recast, check, label, state.get("step", 0))
+            # A basis is stored in the gradient's dtype; gradients that come in another dtype since (a
+            # changed grad_dtype, a checkpoint loaded in the parameter's dtype) move it to theirs, as the
+            # moments above: the kernels and the reference's products take one dtype.
+            basis = state.get("proj_left")
+            if basis is None:
+                basis = state.get("proj_right")
+            rebase = grad.dtype if basis is not None and basis.dtype != grad.dtype else None
+        return _Plan((group, p, rec.index, refresh, updates), restart, recast, rebase, check, label,
+                     state.get("step", 0))
+
+    def _check_regenerated(self, p: torch.Tensor, state: dict, label) -> None:
+        """A "random" or "dct" state keeps no matrix, so its moments (r x n or m x r) still fit a weight
+        resized along the projected dimension: the step engine knows what shape it built the basis for."""
+        built = self._engine().built_for(p, state)
+        if built is not None and tuple(built) != projection.matrix_shape(p.shape):
+            raise RuntimeError(
+                f"{label}: its optimizer state's basis was made for a {built[0]}x{built[1]} matrix; the "
+                "parameter was resized after its state was created. Nothing was updated; to restart this "
+                "parameter's optimizer state, `del optimizer.state[param]`")
 
     @staticmethod
     def _refuse_gradient(grad: torch.Tensor, p: torch.Tensor, label) -> None:
@@ -354,15 +380,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         plans = [plan for plan in plans if plan is not None]
         self._check_finite([plan for plan in plans if plan.check])
         for plan in plans:  # only now, with every check passed
-            if plan.restart or plan.recast:
+            if plan.restart or plan.recast or plan.rebase:
                 state = self.state[plan.work[1]]
                 if plan.restart:
                     step = state.get("step", 0)
                     state.clear()
                     state.update(step=step, moment_start=step)
-                else:
-                    for key in MOMENT_KEYS:
-                        state[key] = state[key].to(plan.recast)
+                    continue
+                if plan.recast:
+                    quant.recast(state, plan.recast)
+                if plan.rebase:
+                    for key in BASIS_KEYS:
+                        if key in state:
+                            state[key] = state[key].to(plan.rebase)
         return [plan.work for plan in plans]
 
     @staticmethod

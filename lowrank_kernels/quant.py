@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 __all__ = ["BLOCK", "QUANT_KEYS", "dynamic_map", "quantize", "dequantize", "zeros", "is_quantized",
-           "float_moments", "moment_rule"]
+           "float_moments", "moment_rule", "recast", "blocks"]
 
 BLOCK = 256
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}  # the first moment has a sign, the second does not
@@ -74,6 +74,11 @@ def _blocks(n: int) -> int:
     return -(-n // BLOCK)
 
 
+def blocks(n: int) -> int:
+    """How many absmax scales quantised moments of ``n`` entries keep (checkpoint validation)."""
+    return _blocks(n)
+
+
 def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes of ``x``'s shape, fp32 absmax per block of 256 flattened entries)."""
     n = x.numel()
@@ -114,6 +119,20 @@ def zeros(shape, device) -> dict:
 
 def is_quantized(state: dict) -> bool:
     return "exp_avg_absmax" in state
+
+
+def recast(state: dict, dtype: torch.dtype) -> None:
+    """Move a state's moments to ``dtype`` (``torch.uint8``: quantised), values kept: a ``state_dtype``
+    edited into or out of "int8" dequantises or quantises them (a plain ``.to`` would read codes as
+    values, or truncate values to codes)."""
+    if is_quantized(state):
+        for key, signed in SIGNED.items():
+            state[key] = dequantize(state[key], state.pop(f"{key}_absmax"), signed)
+    for key, signed in SIGNED.items():
+        if dtype == torch.uint8:
+            state[key], state[f"{key}_absmax"] = quantize(state[key], signed)
+        else:
+            state[key] = state[key].to(dtype)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import quant
 from .projection import (BASIS_KEYS, BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS,
                          PROJ_TYPES, PROJECTED_DEFAULTS, RANK_POLICIES, REFRESH_POLICIES, STATE_DTYPES,
                          COMPACT_KEYS, lowrank_shape, matrix_shape, orientation)
@@ -80,7 +81,8 @@ def check_hyperparameters(group: dict) -> None:
             raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
     if "seed" in group and not is_int(group["seed"]):
         raise ValueError(f"Invalid seed: {group['seed']!r} (must be an integer)")
-    if group.get("state_dtype") not in STATE_DTYPES:
+    state_dtype = group.get("state_dtype")
+    if not (state_dtype is None or isinstance(state_dtype, str)) or state_dtype not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (must be one of {tuple(STATE_DTYPES)})")
     if "rank" not in group:
         if group.get("update", "galore") != "galore":
@@ -124,6 +126,9 @@ def check_hyperparameters(group: dict) -> None:
             raise ValueError(f"Invalid min_rank: {low!r} (must be an integer >= 1)")
         if high is not None and (not is_int(high) or high < low):
             raise ValueError(f"Invalid max_rank: {high!r} (must be None or an integer >= min_rank={low})")
+        if high is None and low > group["rank"]:  # the bounds would contradict: [min_rank, rank]
+            raise ValueError(f"Invalid min_rank: {low!r} (must be <= max_rank, which defaults to "
+                             f"rank={group['rank']})")
     if group["refresh_policy"] == "lazy":
         if not is_real(group["similarity_threshold"]) or not 0.0 <= group["similarity_threshold"] <= 1.0:
             raise ValueError(f"Invalid similarity_threshold: {group['similarity_threshold']!r} (must be in [0, 1])")
@@ -139,21 +144,23 @@ def check_hyperparameters(group: dict) -> None:
 def check_projectable(p: torch.Tensor, rank: int, label) -> None:
     """Can ``p`` sit in a projected group whose policy may choose ranks up to ``rank``? (ValueError;
     ``label`` names the parameter and its shape)"""
-    problem = _projectable_problem(p.shape, p.is_complex(), rank)
+    problem = _projectable_problem(p.shape, p.dtype, rank)
     if problem:
         raise ValueError(problem.format(label=label))
 
 
 @functools.lru_cache(maxsize=4096)
-def _projectable_problem(shape: torch.Size, is_complex: bool, rank: int) -> Optional[str]:
+def _projectable_problem(shape: torch.Size, dtype: torch.dtype, rank: int) -> Optional[str]:
     """The error template for ``check_projectable``, or None; cached: it runs for every weight at every
     step, and shapes and ranks rarely change."""
     if len(shape) < 2:
         return (f"{{label}} sits in a projected group (rank={rank}) but has {len(shape)} dimension(s): "
                 "GaLore projects weights with 2 or more dimensions; put 1-D parameters (biases, norms) in a "
                 "group without 'rank'")
-    if is_complex:
+    if dtype.is_complex:
         return "{label} is complex; GaLoreAdamW supports real parameters only"
+    if not dtype.is_floating_point:
+        return f"{{label}} is {dtype}; GaLoreAdamW optimises floating-point parameters only"
     m, n = matrix_shape(shape)
     if rank >= min(m, n):
         return (f"rank={rank} is too large for {{label}} (as a {m}x{n} matrix): "
@@ -289,8 +296,62 @@ def check_loaded_entry(entry: dict, group: dict, shape, label: str) -> None:
                              f"{tuple(want)} (is the checkpoint from a model with other shapes or settings?)")
     for key in ("moment_start", "streak"):
         _nonneg_int(entry, key, label, required=False)
+    for key in ("moment_start", "last_refresh"):  # counts of steps taken before: never past ``step``
+        if entry.get(key, 0) > entry["step"]:
+            raise ValueError(f"{label}: checkpoint state {key!r} = {entry[key]} is past its 'step' = {entry['step']}")
+    _check_quantized(entry, group, label)
+    if want_side is not None:
+        _check_compact(entry, want_side, (m, n), label)
+    norm = entry.get("limiter_norm")
+    if norm is not None and not (isinstance(norm, torch.Tensor) and norm.is_floating_point() and norm.dim() == 0):
+        got = f"a tensor of {norm.dtype}, shape {tuple(norm.shape)}" if isinstance(norm, torch.Tensor) else repr(norm)
+        raise ValueError(f"{label}: checkpoint state 'limiter_norm' must be a 0-d floating-point tensor, got {got}")
     if "gap" in entry and (not is_int(entry["gap"]) or entry["gap"] < 1):
         raise ValueError(f"{label}: checkpoint state 'gap' must be an integer >= 1, got {entry['gap']!r}")
     norm = entry.get("proj_norm", 0.0)
     if not isinstance(norm, (int, float)) or isinstance(norm, bool):
         raise ValueError(f"{label}: checkpoint state 'proj_norm' must be a number, got {norm!r}")
+
+
+def _check_quantized(entry: dict, group: dict, label: str) -> None:
+    """int8 moments (quant.py): uint8 codes, each with its fp32 absmax per 256-entry block, in an int8
+    group only; float moments in an int8 group are quantised at the next step (a state_dtype edited just
+    before the checkpoint), so they load as they are."""
+    for key in MOMENT_KEYS:
+        codes, absmax = entry[key], entry.get(f"{key}_absmax")
+        if codes.dtype != torch.uint8:
+            if absmax is not None:
+                raise ValueError(f"{label}: checkpoint state has {key + '_absmax'!r}, but its {key!r} is "
+                                 f"{codes.dtype}, not int8 codes (uint8)")
+            continue
+        want = (quant.blocks(codes.numel()),)
+        if not (isinstance(absmax, torch.Tensor) and absmax.dtype == torch.float32 and tuple(absmax.shape) == want):
+            got = ("nothing" if absmax is None else f"a tensor of {absmax.dtype}, shape {tuple(absmax.shape)}"
+                   if isinstance(absmax, torch.Tensor) else repr(absmax))
+            raise ValueError(f"{label}: checkpoint state {key!r} holds int8 codes, so {key + '_absmax'!r} must be "
+                             f"a float32 tensor of shape {want} (one scale per {quant.BLOCK} entries), got {got}")
+
+
+def _check_compact(entry: dict, side: str, dims: tuple, label: str) -> None:
+    """A regenerated basis (projector "random": an int seed; "dct": r distinct int64 column numbers below
+    the projected dimension), the only basis of its side."""
+    for key, dim in zip(BASIS_KEYS, dims):
+        seed, index = entry.get(f"{key}_seed"), entry.get(f"{key}_index")
+        if sum(x is not None for x in (entry.get(key), seed, index)) > 1:
+            raise ValueError(f"{label}: checkpoint state holds more than one of {key!r}, {key + '_seed'!r}, "
+                             f"{key + '_index'!r}: one basis per side")
+        if seed is not None and not (is_int(seed) and -2 ** 63 <= seed < 2 ** 64):
+            raise ValueError(f"{label}: checkpoint state {key + '_seed'!r} must be an integer seed, got {seed!r}")
+        if index is None:
+            continue
+        r = entry["rank"]
+        if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and tuple(index.shape) == (r,)):
+            got = f"a tensor of {index.dtype}, shape {tuple(index.shape)}" if isinstance(index, torch.Tensor) \
+                else repr(type(index).__name__)
+            raise ValueError(f"{label}: checkpoint state {key + '_index'!r} must be an int64 tensor of shape "
+                             f"({r},) (rank column numbers), got {got}")
+        if index.device.type != "meta" and r and (int(index.min()) < 0 or int(index.max()) >= dim
+                                                  or len(set(index.tolist())) != r):
+            raise ValueError(f"{label}: checkpoint state {key + '_index'!r} must hold {r} distinct column numbers "
+                             f"in [0, {dim}) for this weight, got {index.tolist()} (is the checkpoint from a "
+                             "model with other shapes?)")
