@@ -526,8 +526,8 @@ def _project(side: Optional[str], bucket: list) -> list:
     if side == "left":
         return [torch.mm(pr.P.T, pr.grad) for pr in bucket]
     if side == "right":
-        return [torch.mm(pr.grad, pr.Q) for pr in bucket]
-    return [torch.mm(torch.mm(pr.P.T, pr.grad), pr.Q) for pr in bucket]
+        return [torch.mm(pr.grad, reference.right_factor(pr.Q)) for pr in bucket]
+    return [torch.mm(torch.mm(pr.P.T, pr.grad), reference.right_factor(pr.Q)) for pr in bucket]
 
 
 def _project_back(side: str, bucket: list, N: list) -> list:

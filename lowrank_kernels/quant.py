@@ -12,8 +12,8 @@ on a midpoint takes the lower code). That is bitsandbytes' device-independent re
 (``backends/default/ops.py::quantize_blockwise``, "same assumption as CUDA kernel"); its CUDA kernels
 round at the same midpoints, its CPU kernel (0.50) through a 65536-bin lookup table that cannot resolve
 values closer than 2/65535 to a midpoint (tests/test_quant.py measures both). Two departures, both in
-degenerate inputs: an all-zero block stores absmax 0 (bitsandbytes' reference stores 1e-38 for a short
-last block), and no sign fix-up of the first moment (bitsandbytes' CUDA optimizer kernel moves a negative
+degenerate inputs: a short last block whose max |x| is below 1e-38 (all zeros, or subnormals) stores that
+max (bitsandbytes' reference stores 1e-38; its codes are the same, as both scale by the clamped max), and no sign fix-up of the first moment (bitsandbytes' CUDA optimizer kernel moves a negative
 value that rounds to the code 0.0 one code down; its CPU optimizer and ``quantize_blockwise`` do not).
 
 The step runs in bitsandbytes' order (:func:`float_moments`): dequantise, update the moments and compute

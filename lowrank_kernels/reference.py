@@ -42,12 +42,26 @@ def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
+def right_factor(Q: torch.Tensor) -> torch.Tensor:
+    """Q as the right operand of the projection G Q, read as the peer's Q^T.t() is.
+
+    An svd basis's Q is a row-major n x r copy; galore-torch's is the view Vh[:r].T of LAPACK's
+    column-major Vh, whose rows lie min(m, n) >= 2 apart. From r = 2 on, the GEMM rounds the same for any
+    row stride, but at r = 1 a unit-stride column (strides (1, 1)) takes another BLAS path in torch's CPU
+    matmul that rounds differently, so it is read through a strided copy (n entries), as galore-torch's
+    is. APOLLO's random Q (its r x n draw transposed, strides (1, n)) is already read as APOLLO reads it.
+    """
+    if Q.shape[1] == 1 and Q.shape[0] > 1 and Q.stride() == (1, 1) and Q.device.type == "cpu":
+        return torch.empty((Q.shape[0], 2), dtype=Q.dtype)[:, :1].copy_(Q)
+    return Q
+
+
 def project(grad: torch.Tensor, P: Optional[torch.Tensor], Q: Optional[torch.Tensor]) -> torch.Tensor:
     R = grad
     if P is not None:
         R = P.T @ R
     if Q is not None:
-        R = R @ Q
+        R = R @ right_factor(Q)
     return R
 
 
