@@ -53,7 +53,6 @@ hook to step each bucket's parameters once that bucket is averaged; compression 
 ``register_lowrank_comm_hook`` (either order).
 """
 # No `from __future__ import annotations`: DDP checks comm_hook's annotations as real types.
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -62,6 +61,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import projection
+from . import consistency
 from ..reference import project, project_back
 
 __all__ = ["register_lowrank_comm_hook", "CommHookState", "StepBytes", "lowrank_numel", "expected_bytes"]
@@ -257,25 +257,13 @@ def _count(state: CommHookState, bucket, plan, send: torch.Tensor, compressed: i
     state.bytes_plain += bucket.buffer().numel() * size
 
 
-def _plain(value):
-    """A value as the same text on every rank: tensors by their numbers (not their device), other objects
-    than numbers, strings and sequences by their type (a default repr holds a per-process address)."""
-    if torch.is_tensor(value):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
-
-
 def _fingerprint(optimizer) -> int:
     """A hash of what decides the hook's all-reduce sizes: each group's options and parameter shapes, and
     each parameter's step count, refresh count and rank."""
-    groups = [(sorted((k, _plain(v)) for k, v in g.items() if k != "params"), [tuple(p.shape) for p in g["params"]])
-              for g in optimizer.param_groups]
-    state = [[_plain(optimizer.state.get(p, {}).get(k)) for k in ("step", "refreshes", "rank")]
+    groups = [(consistency.options(g), [tuple(p.shape) for p in g["params"]]) for g in optimizer.param_groups]
+    state = [[optimizer.state.get(p, {}).get(k) for k in consistency.STATE_KEYS]
              for g in optimizer.param_groups for p in g["params"]]
-    digest = hashlib.blake2b(repr((groups, state)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
+    return consistency.fingerprint((groups, state))
 
 
 def _check_same_everywhere(ddp_model, optimizer) -> None:
