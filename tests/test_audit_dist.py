@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_utils import free_port, single_threaded_children
-from lowrank_kernels import GaLoreAdamW
+from lowrank_kernels import GaLoreAdamW, LayerwiseUpdates
 from lowrank_kernels.distributed import register_lowrank_comm_hook
 from lowrank_kernels.distributed.ddp import expected_bytes, lowrank_numel
 from lowrank_kernels.projection import matrix_shape
@@ -109,7 +109,7 @@ def ddp_batch(rank, step, micro):
     return torch.randn(4, 3, 6, 6, generator=g), torch.randn(4, 7, generator=g)
 
 
-def ddp_train(rank, pg, steps, *, hook=True, accum=1, unused=False, start=0, model=None, opt=None, ckpt=None, **projected):
+def ddp_train(rank, pg, steps, *, hook=True, accum=1, unused=False, layerwise=False, start=0, model=None, opt=None, ckpt=None, **projected):
     """The ordinary DDP loop (no_sync for all but the last micro-batch); returns weights, buffers, state, bytes."""
     model = model or ConvNet()
     ddp = DDP(model, process_group=pg, find_unused_parameters=True, bucket_cap_mb=0.002)
@@ -121,14 +121,17 @@ def ddp_train(rank, pg, steps, *, hook=True, accum=1, unused=False, start=0, mod
         if ckpt is not None:
             opt.load_state_dict(torch.load(ckpt[1], weights_only=False)["opt"])
         state = register_lowrank_comm_hook(ddp, opt) if hook else None
+    lw = LayerwiseUpdates(opt, accumulation_steps=accum, model=ddp) if layerwise else None
     for step in range(start, start + steps):
         for micro in range(accum):
             x, y = ddp_batch(rank, step, micro)
             sync = micro == accum - 1
             with (ddp.no_sync() if not sync else _null()):
-                F.mse_loss(ddp(x, spare=not unused or (rank == 0 and step % 2 == 1)), y).backward()
-        opt.step()
-        opt.zero_grad()
+                loss = F.mse_loss(ddp(x, spare=not unused or (rank == 0 and step % 2 == 1)), y)
+                lw.backward(loss) if lw is not None else loss.backward()
+        if lw is None:
+            opt.step()
+            opt.zero_grad()
     return {"weights": {n: p.detach().clone() for n, p in model.named_parameters()},
             "buffers": {n: b.clone() for n, b in model.named_buffers()},
             "state": opt.state_dict()["state"], "bytes": state.history if state else None,
@@ -214,6 +217,9 @@ def ddp_worker(rank, world, workdir):
         res = {}
         for name, cfg in DDP_REPLICA_CASES.items():
             res[f"replica-{name}"] = _strip(ddp_train(rank, pg, 14, accum=3, unused=True, **cfg))
+        # layer-wise steps from the hook, with the Gaussian basis's Gram solve: the ordinary loop bit for bit
+        res["layerwise-random"] = _strip(ddp_train(rank, pg, 14, accum=3, unused=True, layerwise=True,
+                                                   **DDP_REPLICA_CASES["random"]))
         for name, cfg in DDP_EXACT_CASES.items():
             for hook in (False, True):
                 res[f"{'hook' if hook else 'plain'}-{name}"] = _strip(ddp_train(rank, pg, 12, hook=hook, **cfg))
@@ -516,3 +522,10 @@ def test_fsdp_refusals_on_every_rank(fsdp_ranks):
         assert error is not None and "differ" in error, error
         assert untouched
         assert out["alive"]
+
+
+def test_ddp_layerwise_with_hook_equals_ordinary_loop(ddp_ranks):
+    """LayerwiseUpdates(model=ddp) + the hook + projector "random", 3 no_sync micro-batches, unused params."""
+    for out in ddp_ranks:
+        assert_same(out["layerwise-random"]["weights"], out["replica-random"]["weights"], "weights")
+        assert_same(out["layerwise-random"]["state"], out["replica-random"]["state"], "state")
