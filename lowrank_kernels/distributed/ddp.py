@@ -30,11 +30,21 @@ projection is linear), as do ``find_unused_parameters`` (an unused slot is zero;
 unused parameter's grad alone) and mixed dtypes (DDP's buckets hold one dtype each; R is all-reduced in
 it, so bf16 weights give bf16-rounded results as plain DDP's bf16 all-reduce does).
 
-**What p.grad holds afterwards.** For a compressed parameter, the low-rank reconstruction P R̄, not the
-averaged full gradient (which no rank ever had). ||P R̄||_F = ||R̄||_F since P's columns are
+**Bases without orthonormal columns** (``projector="random"``, APOLLO's Gaussian P): the hook writes back
+P C with C = (P^T P)^-1 R̄ (and (Q^T Q)^-1 on the right; an r x r solve in fp32), whose projection is R̄
+again. Seeded and DCT bases are rebuilt from their stored seeds or column numbers, as the optimizer does.
+
+**Consistency.** Registration all-reduces a hash of the optimizer (group options, parameter shapes, step
+and refresh counts, ranks) and raises on every rank if the ranks differ: otherwise the ranks would
+all-reduce tensors of different sizes, which gloo answers by aborting the process and NCCL by hanging.
+Changes made on some ranks only after registration are not detected.
+
+**What p.grad holds afterwards.** For a compressed parameter, the low-rank reconstruction P R̄ (P C for
+"random"), not the averaged full gradient (which no rank ever had). ||P R̄||_F = ||R̄||_F since P's columns are
 orthonormal, so ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)`` clips by the global norm of
 what the optimizer actually uses (projected gradients, plus the full gradients of everything else), and
-clipping is exact in that sense: scaling p.grad by s scales R̄ by s. Clipping by the norm of the full
+clipping is exact in that sense: scaling p.grad by s scales R̄ by s. (For "random", ||P C|| is not ||R̄||:
+the clipping norm then is that of P C, and scaling still scales R̄ by s.) Clipping by the norm of the full
 averaged gradient is impossible with this hook (||Σ G_i|| is not computable from the projections); at a
 refresh step p.grad is the full averaged gradient, so the clipped norm changes meaning on those steps.
 
@@ -51,12 +61,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import projection
+from . import consistency
 from ..reference import project, project_back
 
 __all__ = ["register_lowrank_comm_hook", "CommHookState", "StepBytes", "lowrank_numel", "expected_bytes"]
 
 # Refresh policies that read the whole gradient at every step (to decide whether to refresh).
 WHOLE_GRADIENT_POLICIES = ("converged",)
+# Basis sources whose columns are not orthonormal: APOLLO's Gaussian projection (projection.gaussian_basis).
+NOT_ORTHONORMAL = ("random",)
 
 
 @dataclass
@@ -153,19 +166,31 @@ def _basis_for(optimizer, p: torch.Tensor, grad: torch.Tensor):
     state = optimizer.state.get(p)
     if not state:
         return None
-    P, Q = projection.basis_of(state)
+    grad2d = grad.reshape(projection.matrix_shape(p.shape))
+    if _refresh_due(state, group, grad2d):
+        return None
+    P, Q = projection.basis_of(state, grad2d)  # seeded ("random") and DCT bases are rebuilt from their keys
     if P is None and Q is None:
         return None
-    if _refresh_due(state, group, grad.reshape(projection.matrix_shape(p.shape))):
-        return None
     return P, Q
+
+
+def _gram_solved(R: torch.Tensor, P: Optional[torch.Tensor], Q: Optional[torch.Tensor]) -> torch.Tensor:
+    """C = (P^T P)^-1 R (Q^T Q)^-1 (fp32), so that P^T (P C Q^T) Q = R: for a basis whose columns are not
+    orthonormal (NOT_ORTHONORMAL), the optimizer's re-projection of the written-back gradient still reads R̄."""
+    C = R.float()
+    if P is not None:
+        C = torch.linalg.solve(P.float().T @ P.float(), C)
+    if Q is not None:
+        C = torch.linalg.solve(Q.float().T @ Q.float(), C.T).T
+    return C
 
 
 def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` across ranks, sending projections where the next step allows it."""
     buffer = bucket.buffer()
     group = state.process_group
-    plan = []  # (gradient view, basis or None, shape of what is sent, in a projected group?)
+    plan = []  # (gradient view, basis or None, shape of what is sent, in a projected group?, Gram solve?)
     pieces = []  # what is sent for each parameter, flat
     for p, g in zip(bucket.parameters(), bucket.gradients()):
         param_group = _group_of(state.optimizer, p)
@@ -175,9 +200,9 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
             piece = g
         else:
             piece = project(g.reshape(projection.matrix_shape(p.shape)), *basis).to(buffer.dtype)
-        plan.append((g, basis, piece.shape, projected))
+        plan.append((g, basis, piece.shape, projected, projected and param_group["projector"] in NOT_ORTHONORMAL))
         pieces.append(piece.reshape(-1))
-    compressed = sum(basis is not None for _, basis, _, _ in plan)
+    compressed = sum(basis is not None for _, basis, *_ in plan)
     # Nothing to compress: DDP's default hook exactly (in place on the bucket, no copy).
     send = torch.cat(pieces) if compressed else buffer
     _count(state, bucket, plan, send, compressed)
@@ -197,12 +222,14 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
             # default, and CPU GEMMs may round differently with another count: replicas must agree.
             torch.set_num_threads(threads)
         offset = 0
-        for g, basis, shape, _ in plan:
+        for g, basis, shape, _, gram in plan:
             chunk = flat[offset: offset + shape.numel()].view(shape)
             offset += shape.numel()
             if basis is None:
                 g.copy_(chunk)
             else:  # the gradient whose projection is R̄: P R̄, R̄ Q^T or P R̄ Q^T
+                if gram:
+                    chunk = _gram_solved(chunk, *basis)
                 g.copy_(project_back(chunk.to(g.dtype), *basis, 1.0).view(g.shape))
         return buffer
 
@@ -222,12 +249,37 @@ def _count(state: CommHookState, bucket, plan, send: torch.Tensor, compressed: i
     current.plain += bucket.buffer().numel() * size
     current.compressed += compressed
     current.buckets += 1
-    for g, _, shape, projected in plan:
+    for g, _, shape, projected, _ in plan:
         if projected:
             current.projected_plain += g.numel() * size
             current.projected_reduced += shape.numel() * size
     state.bytes_reduced += send.numel() * size
     state.bytes_plain += bucket.buffer().numel() * size
+
+
+def _fingerprint(optimizer) -> int:
+    """A hash of what decides the hook's all-reduce sizes: each group's options and parameter shapes, and
+    each parameter's step count, refresh count and rank."""
+    groups = [(consistency.options(g), [tuple(p.shape) for p in g["params"]]) for g in optimizer.param_groups]
+    state = [[optimizer.state.get(p, {}).get(k) for k in consistency.STATE_KEYS]
+             for g in optimizer.param_groups for p in g["params"]]
+    return consistency.fingerprint((groups, state))
+
+
+def _check_same_everywhere(ddp_model, optimizer) -> None:
+    """Raise on every rank if the ranks' optimizers differ (options, shapes, step counts): the hook would
+    all-reduce tensors of different sizes, which gloo answers by aborting the process and NCCL by hanging.
+    One all-reduce of two integers, at registration only."""
+    group = ddp_model.process_group
+    h = _fingerprint(optimizer)
+    device = next((p.device for p in ddp_model.parameters()), torch.device("cpu"))
+    both = torch.tensor([h, -h], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if int(both[0]) != -int(both[1]):
+        raise ValueError(
+            f"rank {dist.get_rank(group)}: the optimizer differs between the ranks of this DDP model (param "
+            "group options, parameter shapes, or optimizer state such as a checkpoint loaded on some ranks "
+            "only); give every rank the same optimizer before registering the low-rank communication hook")
 
 
 def install_comm_hook(ddp_model, optimizer, *, lowrank: Optional[bool] = None,
@@ -243,6 +295,11 @@ def install_comm_hook(ddp_model, optimizer, *, lowrank: Optional[bool] = None,
         raise TypeError(f"{type(optimizer).__name__} is not a lowrank_kernels.GaLoreAdamW")
     state = getattr(ddp_model, "_lowrank_comm_state", None)
     if state is None:
+        positions = optimizer._positions()
+        if not any(p in positions for p in ddp_model.parameters()):
+            raise ValueError("the optimizer holds none of this DDP model's parameters: pass the optimizer "
+                             "built from ddp_model.module's parameters")
+        _check_same_everywhere(ddp_model, optimizer)
         state = CommHookState(optimizer, ddp_model.process_group)
         ddp_model.register_comm_hook(state, comm_hook)
         ddp_model._lowrank_comm_state = state

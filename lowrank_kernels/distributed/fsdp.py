@@ -55,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .. import projection, reference
+from . import consistency
 from ..backends import step_function
 from ..linalg import _rsvd_single
 from ..projection import (MOMENT_KEYS, MOMENT_RULES, OVERSAMPLE, REFRESH_POLICIES, STATE_DTYPES,
@@ -196,8 +197,9 @@ def _mesh_of(p: torch.Tensor, label: Callable[[], str]):
 def plan_param(state: dict, group: dict, p: torch.Tensor, label: Callable[[], str]) -> tuple[bool, dict]:
     """The sharded counterpart of GaLoreAdamW._plan_param's projected branch: (refresh due?, updates).
 
-    Raises, on every rank alike, for unsupported layouts and options and for a non-finite gradient at a
-    refresh (found on any rank: one scalar all-reduce), before anything is mutated.
+    Raises, on every rank alike, for unsupported layouts and options, and at a refresh for a non-finite
+    gradient on any rank or options/state that differ between ranks (one all-reduce of 3 integers), before
+    anything is mutated.
     """
     mesh = _mesh_of(p, label)
     if "rank" not in group:
@@ -213,11 +215,24 @@ def plan_param(state: dict, group: dict, p: torch.Tensor, label: Callable[[], st
     grad = p.grad.to_local()
     refresh, updates = projection.refresh_due(state, group, grad)
     if refresh:
-        bad = _all_reduce((~torch.isfinite(grad)).sum().reshape(1), mesh)
-        if int(bad[0]):
+        # One all-reduce: the non-finite count, and a check that every rank holds the same options and
+        # state for this parameter (h is a 20-bit hash: all h equal iff W * sum(h^2) == sum(h)^2). The first
+        # step refreshes everywhere, so options that differ between ranks are caught there, before the
+        # ranks' collectives part ways (gloo would abort the process, NCCL hang).
+        h = consistency.fingerprint((consistency.options(group), tuple(p.shape),
+                                     [state.get(k) for k in consistency.STATE_KEYS]), bits=20)
+        check = torch.tensor([0, h, h * h], dtype=torch.int64, device=grad.device)
+        check[0] = (~torch.isfinite(grad)).sum()
+        bad, total, total_sq = (int(v) for v in _all_reduce(check, mesh))
+        if mesh.size() * total_sq != total * total:
+            raise ValueError(
+                f"{label()}: the optimizer's options or state for this parameter differ between ranks (param "
+                "group options, or a checkpoint loaded on some ranks only); nothing was updated on any rank: "
+                "give every rank the same optimizer")
+        if bad:
             raise RuntimeError(
                 f"non-finite gradient in {label()} at a basis refresh (step {state.get('step', 0)}; "
-                f"{int(bad[0])} entries over all ranks); nothing was updated on any rank: skip this batch "
+                f"{bad} entries over all ranks); nothing was updated on any rank: skip this batch "
                 "(zero_grad) and continue")
     return refresh, updates
 
@@ -388,7 +403,7 @@ def collective_volume(m: int, n: int, group: dict, world: int, *, first: bool = 
             gathers, reduces = rows * (extra + w), 2 * n * w
     else:
         raise ValueError(f"projector {projector!r} has no sharded refresh")
-    refresh = {"all_reduce": reduces + 1, "all_gather": gathers}  # + 1: the non-finite count
+    refresh = {"all_reduce": reduces + 3, "all_gather": gathers}  # + 3: the non-finite count, the rank check
     if side in ("left", "full") and not first and needs_old_left(group):
         refresh["all_gather"] += rows * r
     return {"step": step, "refresh": refresh}
