@@ -70,12 +70,12 @@ def batch(rank, step, micro=0, size=BATCH):
 
 
 def train(rank, pg, *, steps=20, hook=False, layerwise=False, accum=1, no_sync=True, unused=False,
-          view=False, dtype2=torch.float32, clip=None, **projected):
+          view=False, dtype2=torch.float32, clip=None, backend="auto", **projected):
     """Train Net under DDP; returns weights, optimizer state and the hook's byte counts."""
     model = Net(dtype2, unused)
     ddp = DDP(model, process_group=pg, find_unused_parameters=unused, gradient_as_bucket_view=view,
               bucket_cap_mb=0.01)
-    opt = GaLoreAdamW(groups(model, pg.size(), **projected), lr=1e-2, weight_decay=0.1, seed=3)
+    opt = GaLoreAdamW(groups(model, pg.size(), **projected), lr=1e-2, weight_decay=0.1, seed=3, backend=backend)
     state = register_lowrank_comm_hook(ddp, opt) if hook else None
     lw = LayerwiseUpdates(opt, accumulation_steps=accum, max_grad_norm=clip, model=ddp) if layerwise else None
     # An independent count of the hook's traffic: every Python-side all-reduce (DDP's built-in one, without
@@ -162,6 +162,10 @@ SCENARIOS = {
     "layerwise-view-unused": dict(steps=8, view=True, unused=True, layerwise=True),
     "ordinary-hook": dict(steps=8, hook=True),
     "layerwise-hook": dict(steps=8, hook=True, layerwise=True),
+    # the whole-model grouped kernels (backend "triton"; the interpreter on CPU) under DDP
+    "triton-plain": dict(steps=8, backend="triton"),
+    "triton-hook": dict(steps=8, hook=True, backend="triton"),
+    "triton-layerwise-hook": dict(steps=8, hook=True, layerwise=True, backend="triton"),
     # the hook against plain DDP, every proj_type
     **{f"{kind}-{proj}": dict(hook=kind == "hook", proj_type=proj) for proj in PROJ_TYPES
        for kind in ("plain", "hook")},
@@ -259,6 +263,22 @@ def test_hook_matches_plain_ddp(ranks, name):
     # fp32: the hook changes only the order of sums (all-reduce of P^T G_i instead of G_i) and adds
     # P^T P = I up to roundoff; 20 steps of Adam amplify ~1e-7 to well under 1e-5.
     assert max_rel_err(hooked, plain) < 1e-5
+
+
+def test_grouped_triton_step_under_ddp(ranks):
+    """backend="triton" (grouped kernels) under DDP: replicas bit-identical with and without the hook; the
+    hook equals plain DDP as on backend "torch"; layer-wise steps per DDP bucket equal the whole-model
+    step bit for bit; and the kernels follow backend "torch" on the same run."""
+    for name in ("triton-plain", "triton-hook", "triton-layerwise-hook"):
+        assert_replicas_identical(ranks, name)
+    run = {name: ranks[0][name]["weights"] for name in ("triton-plain", "triton-hook", "triton-layerwise-hook",
+                                                        "ordinary-hook")}
+    assert_equal(run["triton-layerwise-hook"], run["triton-hook"], "layer-wise vs whole-model (triton)")
+    # fp32, 8 steps with one refresh after the first: only summation order differs (the hook's projected
+    # all-reduce; the kernels' tile sums against torch's matmuls), ~1e-7 amplified by Adam, as above.
+    assert max_rel_err(run["triton-hook"], run["triton-plain"]) < 1e-5
+    assert max_rel_err(run["triton-hook"], run["ordinary-hook"]) < 1e-5
+    assert not torch.equal(run["triton-hook"]["a.weight"], Net().a.weight)  # it did train
 
 
 def test_hook_bytes_are_the_low_rank_counts(ranks):
