@@ -68,3 +68,19 @@ def run_distributed(fn, world_size: int, *args) -> list:
     with single_threaded_children(), tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def assert_same(a, b, what: str) -> None:
+    """Bitwise equality of what ranks return: nested dicts and lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            assert_same(a[key], b[key], f"{what}/{key}")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and torch.equal(a, b), what
+    elif isinstance(a, list) and a and not isinstance(a[0], (int, float)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{what}[{i}]")
+    else:
+        assert a == b, what

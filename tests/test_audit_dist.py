@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_utils import free_port, single_threaded_children
+from dist_utils import assert_same, free_port, single_threaded_children
 from lowrank_kernels import GaLoreAdamW, LayerwiseUpdates
 from lowrank_kernels.distributed import register_lowrank_comm_hook
 from lowrank_kernels.distributed.ddp import expected_bytes, lowrank_numel
@@ -251,21 +251,6 @@ def ddp_results():
 @pytest.fixture(params=[2, 3], ids=lambda w: f"world{w}")
 def ddp_ranks(ddp_results, request):
     return [out[request.param] for out in ddp_results[:request.param]]
-
-
-def assert_same(a, b, what):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for key in a:
-            assert_same(a[key], b[key], f"{what}/{key}")
-    elif torch.is_tensor(a):
-        assert a.dtype == b.dtype and torch.equal(a, b), what
-    elif isinstance(a, list) and a and not isinstance(a[0], (int, float)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{what}[{i}]")
-    else:
-        assert a == b, what
 
 
 def rel_err(a, b):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_utils import run_distributed
+from dist_utils import assert_same as assert_equal, run_distributed
 from lowrank_kernels import GaLoreAdamW, LayerwiseUpdates
 from lowrank_kernels.distributed import register_lowrank_comm_hook
 from lowrank_kernels.distributed.ddp import expected_bytes, lowrank_numel
@@ -206,18 +206,6 @@ def spawned():
 def ranks(spawned, request):
     """What each rank of a world of the given size returned."""
     return [out[request.param] for out in spawned[:request.param]]
-
-
-def assert_equal(a, b, what):
-    """Bitwise equality of nested dicts of tensors and numbers."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for key in a:
-            assert_equal(a[key], b[key], f"{what}/{key}")
-    elif torch.is_tensor(a):
-        assert a.dtype == b.dtype and torch.equal(a, b), what
-    else:
-        assert a == b, what
 
 
 def assert_replicas_identical(ranks, name):
