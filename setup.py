@@ -179,7 +179,9 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "numpy"],
         # galore-torch needs transformers and bitsandbytes to import; the HF Trainer needs accelerate.
-        "peers": ["galore-torch", "transformers", "bitsandbytes", "accelerate"],
+        # fira, apollo-torch and peft at the versions the parity tests (and README) name.
+        "peers": ["galore-torch", "transformers", "bitsandbytes", "accelerate", "fira==1.0.2",
+                  "apollo-torch==1.0.3", "peft==0.21.2"],
         "demo": ["tqdm", "matplotlib"],
         "bench": ["tqdm", "matplotlib"],
     },

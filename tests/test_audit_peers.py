@@ -445,7 +445,7 @@ def test_lora_ga_peft_model_survives_peft_weight_conversion(tmp_path):
     """README: peft=True lets PEFT's save, load and merge apply. PEFT's workflow for init-mutating methods:
     save the initial adapter, train, save with path_initial_model_for_weight_conversion; the converted
     adapter loads onto the ORIGINAL base model and reproduces the trained model's outputs."""
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     from lowrank_kernels.adapters import accumulate_gradients, lora_ga
     model, batches = _tiny_llama()
@@ -474,6 +474,7 @@ def test_lora_ga_peft_model_survives_peft_weight_conversion(tmp_path):
 def test_plain_lora_uses_peft_default_init():
     """lora(): PEFT's default LoRA init, A Kaiming-uniform(a=sqrt(5)) so |A| <= 1/sqrt(in), B = 0, scaling
     alpha / r, as get_peft_model(LoraConfig(r, lora_alpha)) builds it."""
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     from lowrank_kernels.adapters import lora
