@@ -47,8 +47,8 @@ Step scalars come in two modes:
 
 The host keeps a mirror of every count (``state["step"]``, a Python int, as in galore-torch and in old
 checkpoints), because refresh scheduling is host logic. A CUDA-graph replay advances the device
-counts only; :meth:`StepEngine.advance_host_counters` brings the host mirror along (the pattern is in
-``GaLoreAdamW.replay``'s docstring and the README).
+counts only; :meth:`StepEngine.advance_host_counters` brings the host mirror along. A capture itself
+counts nothing; what it records and what each replay checks: lowrank_kernels/cuda_graphs.py.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import projection, quant, reference, update_rules
+from . import cuda_graphs, projection, quant, reference, update_rules
 from .backends import step_function
 from .distributed import fsdp
 from .linalg import rsvd
@@ -168,9 +168,12 @@ class _DeviceScalars:
         """
         steps = [pr.moment_step - 1 for pr in problems]
         if steps != self.host_steps:
-            _upload(self.steps, steps)
-            self.host_steps = steps
+            self.upload_steps(steps)
         self.sync_hyperparameters([pr.group for pr in problems])
+
+    def upload_steps(self, steps: list) -> None:
+        _upload(self.steps, steps)
+        self.host_steps = steps
 
     def sync_hyperparameters(self, groups: list) -> None:
         """``groups``: each problem's param group."""
@@ -243,9 +246,12 @@ class StepEngine:
         self._device_entries: dict = {}
         self._tables: dict = {}
         self._bases = WeakIdKeyDictionary()  # param -> (sizes, compact token, {basis key: matrix})
-        # What the last ordinary step advanced: (states, [(device entry, groups)], [(grouped bucket, groups)])
+        # What the last ordinary step advanced: (states, [(device entry, groups, states)],
+        # [(grouped bucket, groups, gradients)])
         self._last: tuple = ([], [], [])
         self.table_builds = 0
+        self.epoch = 0  # eager steps taken (a replay re-checks its graph after any: cuda_graphs.Capture)
+        self.capture: Optional[cuda_graphs.Capture] = None  # the last captured step
 
     def __getstate__(self):  # caches are derived data: a copy starts empty
         return {}
@@ -257,6 +263,9 @@ class StepEngine:
     def step(self, opt, work: list) -> None:
         if not work:
             return
+        capturing = _capturing(work[0][1].device)
+        if capturing and any(item[3] for item in work):
+            cuda_graphs.refuse_refresh()
         # FSDP2 shards step on their own path, in the plan's order (collectives must match); what the
         # bucketed math does not cover (int8 moments, random and dct bases: update_rules.grouped_supported;
         # the rules other than galore wherever the grouped kernels do not run them: _rule_route) takes the
@@ -283,17 +292,15 @@ class StepEngine:
                 if runners[pr.key] == "triton":
                     pr.route = _route(pr)
             kept.append(pr)
+        if capturing:
+            cuda_graphs.check_capturable(own, kept)
+        else:
+            self.epoch += 1
         for item in own:
             opt._step_param(*item)
         problems = kept
         if not problems:
             return
-        if any(pr.route == "single" for pr in problems) and _capturing(problems[0].grad.device):
-            raise RuntimeError(
-                "GaLoreAdamW(backend='triton'): a weight updated through a copy (channels_last) or a tensor "
-                "the multi-tensor kernel cannot walk flat runs the per-parameter kernels, whose host step "
-                "scalars a CUDA graph would freeze; capture with backend='torch' or change those "
-                "parameters' layout")
         refreshing = []
         items = {id(item[1]): item for item in work}
         for pr in problems:
@@ -306,7 +313,9 @@ class StepEngine:
                 refreshing.append(pr)
         if refreshing:
             self._refresh(refreshing)
-        self._ordinary(opt, problems, runners)
+        self._ordinary(opt, problems, runners, capturing)
+        if capturing:  # nothing ran: the host counts go back; each replay advances them (cuda_graphs)
+            self.capture = cuda_graphs.record(self, problems, *self._last[1:])
 
     def _refresh(self, refreshing: list) -> None:
         if _capturing(refreshing[0].grad.device):
@@ -329,7 +338,7 @@ class StepEngine:
                                factors.get(id(pr)))
             _keep_storage(pr.state, old)
 
-    def _ordinary(self, opt, problems: list, runners: dict) -> None:
+    def _ordinary(self, opt, problems: list, runners: dict, capturing: bool = False) -> None:
         buckets: dict = {}
         for pr in problems:
             state = pr.state
@@ -375,7 +384,9 @@ class StepEngine:
                 cached.prepare(bucket)
                 entry, start = device_slices[key]
                 runs.append(functools.partial(cached.run, entry.table[start:start + len(bucket)]))
-                grouped_last.append((cached, [pr.group for pr in bucket]))
+                # a capture keeps its gradients (replays read them); an eager step must not keep them alive
+                grouped_last.append((cached, [pr.group for pr in bucket],
+                                     [pr.grad for pr in bucket] if capturing else None))
             elif route == "single":
                 runs.append(functools.partial(_run_single, bucket))
             else:
@@ -452,7 +463,7 @@ class StepEngine:
             # triton buckets on CUDA: the counts and step sizes in one launch (``_fused_scalars``: tests)
             entry.advance(fused=getattr(opt, "_fused_scalars", False) or (
                 device.type == "cuda" and any(len(key) > 4 and key[4] in GROUPED_ROUTES for key in keys)))
-            entries.append((entry, [pr.group for pr in problems]))
+            entries.append((entry, [pr.group for pr in problems], [pr.state for pr in problems]))
             start = 0
             for key in keys:
                 slices[key] = (entry, start)
@@ -471,26 +482,31 @@ class StepEngine:
             cached = self._tables[cache_key] = _GroupedBucket(key[2], bucket, key[6] if len(key) > 6 else None)
         return cached
 
-    # ---- CUDA graphs: the host mirror -----------------------------------------------------------------------
+    # ---- CUDA graphs: the host mirror (cuda_graphs.py) ------------------------------------------------------
     def advance_host_counters(self, n: int = 1) -> None:
         """After ``n`` replays of a captured ordinary step: advance what the host knows by ``n`` steps.
 
-        Exactly the parameters the last eager (captured) step stepped move on, as the replays did.
+        Exactly the parameters the captured step stepped move on, as the replays did (without a capture:
+        those of the last eager step).
         """
+        if self.capture is not None:
+            self.capture.advance(n)
+            return
         states, entries, _ = self._last
         for state in states:
             state["step"] += n
-        for entry, _ in entries:
+        for entry, _, _ in entries:
             entry.host_steps = [s + n for s in entry.host_steps]
 
-    def sync_hyperparameters(self) -> None:
-        """Before a replay: upload the groups' current lr, betas, eps and decay for the captured step's
-        parameters where they changed (host-to-device only)."""
-        _, entries, grouped = self._last
-        for entry, groups in entries:
-            entry.sync_hyperparameters(groups)
-        for cached, groups in grouped:
-            cached.sync_hyper(groups)
+    def before_replay(self, opt) -> None:
+        """Before a replay: refuse a stale graph (cuda_graphs.Capture.check), then upload the groups'
+        current lr, betas, eps and decay for the captured step's parameters where they changed
+        (host-to-device only)."""
+        if self.capture is None:
+            raise RuntimeError("GaLoreAdamW.replay: no step of this optimizer was captured in a CUDA graph "
+                               "(capture a training step that calls opt.step() first)")
+        self.capture.check(opt, self)
+        self.capture.sync_hyperparameters()
 
 
 def _compact_token(state: dict) -> list:

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
-from . import projection, quant, update_rules
+from . import cuda_graphs, projection, quant, update_rules
 from .backends import BACKENDS, interpreter_on, step_function
 from .checkpoint import prepare_load
 from .distributed import fsdp
@@ -423,6 +423,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        cuda_graphs.check_groups(self.param_groups)
         work = self._plan()
         if getattr(self, "_per_parameter_step", False):  # the pre-engine path, kept for bench/
             for item in work:
@@ -440,6 +441,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """
         if param not in self._positions(param):
             raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
+        cuda_graphs.check_groups([self._positions(param)[param][0]])
         work = self._plan([param])
         if work:
             self._engine().step(self, work)
@@ -455,17 +457,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def refresh_due(self) -> bool:
         """Would the next :meth:`step` recompute a basis? Host state only, no synchronisation.
 
-        Asks every projected parameter that holds a gradient (one without state yet is due). The
+        Asks every projected parameter that holds a gradient (one without state yet is due), and every one
+        a captured CUDA graph steps, gradient or not (layer-wise updates free them during backward). The
         "converged" refresh policy decides from the gradient's projection and synchronises here.
         """
+        capture = self._engine().capture
+        captured = capture.param_ids() if capture is not None else ()
         for p, (group, _, _) in self._positions().items():
-            if "rank" in group and p.grad is not None:
-                state = self.state.get(p)
-                if not state or "refreshes" not in state:
-                    return True
+            if "rank" not in group:
+                continue
+            if p.grad is not None:
                 grad2d = p.grad.reshape(projection.matrix_shape(p.shape))
-                if projection.refresh_due(state, group, grad2d)[0]:
-                    return True
+            elif id(p) in captured and group["refresh_policy"] != "converged":
+                grad2d = None  # the fixed and lazy policies read only the state
+            else:
+                continue
+            state = self.state.get(p)
+            if not state or "refreshes" not in state:
+                return True
+            if projection.refresh_due(state, group, grad2d)[0]:
+                return True
         return False
 
     def advance_host_counters(self, n: int = 1) -> None:
@@ -477,9 +488,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._engine().advance_host_counters(n)
 
     def replay(self, graph) -> None:
-        """Replay ``graph``, a captured training step whose ``opt.step()`` was ordinary (CUDA graphs).
+        """Replay ``graph``, a captured training step whose ``opt.step()`` was ordinary (CUDA graphs), and
+        count it: every replay, the first one after the capture too (a capture counts nothing).
 
-        The pattern (refresh steps stay eager; the capture follows a few eager warm-up steps)::
+        The pattern (README, "CUDA graphs and torch.compile"; refresh steps stay eager, the capture follows
+        eager warm-up steps with static gradients: ``zero_grad(set_to_none=False)``)::
 
             if opt.refresh_due():
                 eager_train_step()   # forward, backward, opt.step(): SVDs run here
@@ -488,14 +501,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         Before the replay, the groups' current lr and weight decay (an lr schedule) are copied to the
         device; with backend "triton" (the grouped kernels) also betas, eps and scale, while backend
-        "torch" fixes those, and whether decay is on, at capture. With backend "triton", a step that needs
-        the per-parameter kernels (channels_last conv weights) cannot be captured.
+        "torch" fixes those, and whether decay is on, at capture. Steps that run per parameter with host
+        step sizes cannot be captured (lowrank_kernels/cuda_graphs.py lists them; the capture raises).
         Refreshes keep every tensor's storage (new bases and moments are copied in place) unless a rank
-        changes (rank_policy="energy"): then the graph must be captured again.
+        changes (rank_policy="energy"); a replay after such a refresh, after load_state_dict or after a
+        weight restarted raises instead of updating memory the optimizer no longer uses: capture again.
         """
         if self.refresh_due():
             raise RuntimeError("a basis refresh is due: run this step eagerly (opt.step()), not from a graph")
-        self._engine().sync_hyperparameters()
+        self._engine().before_replay(self)
         graph.replay()
         self.advance_host_counters()
 
@@ -561,5 +575,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state_dict = result
         param_groups, state = prepare_load(self, state_dict)
         self.__setstate__({"state": state, "param_groups": param_groups})
+        self._engine().epoch += 1  # a captured graph's tensors are no longer the state's: replays re-check
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -301,6 +301,9 @@ class CountingGraph:
 
 
 def test_refresh_due_advance_and_replay():
+    """The host side of opt.replay on a (counting) graph: it refuses while a refresh is due; a capture counts
+    nothing, each replay counts one step of exactly what the capture stepped; advance_host_counters moves
+    the same counts. (tests/test_cuda_graphs.py emulates whole captures.)"""
     ps, opt = make(device_scalars=True)
     graph = CountingGraph()
     set_grads(ps, gradients(ps, 1))
@@ -312,8 +315,15 @@ def test_refresh_due_advance_and_replay():
     assert not opt.refresh_due()
     assert "step" not in opt.state[ps["bias"]]  # no gradient at step 1
     steps = {n: opt.state[p]["step"] for n, p in ps.items() if n != "bias"}
+    saved = engine._capturing
+    engine._capturing = lambda device: True  # the host logic of a capture (its kernels do run on CPU)
+    try:
+        opt.step()
+    finally:
+        engine._capturing = saved
+    assert all(opt.state[ps[n]]["step"] == steps[n] for n in ps if n != "bias")  # the capture counted nothing
     opt.replay(graph)  # a replay of the captured ordinary step: host counters follow, for what it stepped
-    assert graph.replays == 1 and all(opt.state[ps[n]]["step"] == s + 1 for n, s in steps.items())
+    assert graph.replays == 1 and all(opt.state[ps[n]]["step"] == steps[n] + 1 for n in ps if n != "bias")
     assert "step" not in opt.state[ps["bias"]]
     opt.advance_host_counters(GAP - 2)
     assert opt.refresh_due()  # the host mirror, not the device, schedules the refresh at step GAP
@@ -453,9 +463,8 @@ def test_cuda_graph_replay_equals_eager(backend):
         opt.zero_grad(set_to_none=False)
         loss_of(model, static_x, static_y).backward()
         opt.step()
-    graph.replay()  # the capture advanced the host counters but ran nothing: this runs step 2
-    replays = 1
-    for i, (x, y) in enumerate(data[2:], start=2):
+    replays = 0  # the capture ran and counted nothing: every replay, the first too, is one step
+    for i, (x, y) in enumerate(data[1:], start=1):
         schedule(opt, i)
         static_x.copy_(x)
         static_y.copy_(y)
@@ -469,3 +478,4 @@ def test_cuda_graph_replay_equals_eager(backend):
     assert replays >= 5
     for a, b in zip(eager_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
+        assert opt.state[b]["step"] == eager_opt.state[a]["step"] == len(data)
