@@ -143,6 +143,11 @@ class LayerwiseUpdates:
         self.remove()
 
     # ---- inside backward ------------------------------------------------------------------------------
+    # Eager under torch.compile: a compiled training step runs backward in a graph break, where dynamo
+    # compiles every Python frame it enters, this hook's included, once per parameter shape (its guards
+    # are on ``p``): a compile per parameter and, past the recompile limit (8), warnings. It steps through
+    # step_param, which runs eagerly anyway.
+    @torch.compiler.disable
     def _hook(self, p: torch.Tensor) -> None:
         if self._inside is None:
             raise RuntimeError(

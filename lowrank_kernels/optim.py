@@ -21,6 +21,17 @@ __all__ = ["GaLoreAdamW"]
 
 _NO_STATE: dict = {}  # read-only stand-in for a parameter that has no state yet
 
+# The steps' entry points under torch.compile: never traced, one graph break each. The reason is what
+# dynamo's error shows under fullgraph=True, which cannot hold a graph break (README: torch.compile).
+_EAGER_REASON = (
+    "GaLoreAdamW steps run eagerly (host logic: refresh schedules, SVDs, Python step counts), so a "
+    "torch.compile(fullgraph=True) region cannot contain opt.step() or opt.step_param(); compile the model (or "
+    "the loss function) with fullgraph=True and call the optimizer outside it, or drop fullgraph=True")
+try:
+    _EAGER = torch.compiler.disable(reason=_EAGER_REASON)
+except TypeError:  # torch before 2.7: no reason argument (the graph break stays, unexplained)
+    _EAGER = torch._dynamo.disable
+
 
 class _Plan(NamedTuple):
     """One parameter's validated step: ``work`` is what ``_step_param`` takes; the rest is for ``_plan``."""
@@ -412,10 +423,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         "updated: skip this batch (zero_grad) and continue"
                     )
 
-    # torch.compile: the step runs eagerly behind one graph break (dynamo.disable). It is host logic
+    # torch.compile: the step runs eagerly behind one graph break (_EAGER). It is host logic
     # (refresh schedules, SVDs, Python counters) that would otherwise be traced and guarded on every
     # step count, recompiling at each step; tests/test_engine.py bounds the recompiles.
-    @torch._dynamo.disable
+    @_EAGER
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -432,6 +443,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._engine().step(self, work)
         return loss
 
+    # Eager for the same reasons as step(), and because a traced step_param is wrong, not only slow: its
+    # planning looks parameters up in dicts keyed by tensor identity, which dynamo's guards do not cover,
+    # so a frame compiled for one parameter re-stepped that parameter when called with another
+    # (tests/test_audit_compile.py). LayerwiseUpdates calls it from hooks that fire inside backward, which
+    # a compiled training step runs in a graph break, where dynamo compiles every Python frame it enters.
+    @_EAGER
     @torch.no_grad()
     def step_param(self, param: torch.Tensor) -> None:
         """Step one parameter (if it has a gradient), with the same checks and rules as :meth:`step`.
