@@ -177,7 +177,8 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "numpy"],
+        # expecttest: torch.testing._internal (tests/test_torch_optim_suite.py) imports it
+        "test": ["pytest", "numpy", "expecttest"],
         # galore-torch needs transformers and bitsandbytes to import; the HF Trainer needs accelerate.
         # fira, apollo-torch and peft at the versions the parity tests (and README) name.
         "peers": ["galore-torch", "transformers", "bitsandbytes", "accelerate", "fira==1.0.2",

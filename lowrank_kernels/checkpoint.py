@@ -131,6 +131,11 @@ def prepare_load(opt: torch.optim.Optimizer, state_dict) -> tuple[list, dict]:
 
     state = defaultdict(dict)
     for key, entry in state_dict["state"].items():
+        if key not in where and not is_int(key):
+            # torch.optim's rule: a key that is no parameter index (put in optimizer.state by a state_dict
+            # hook, say) is carried over as it is (a copy: the caller's dict is never aliased)
+            state[key] = copy.deepcopy(entry)
+            continue
         if key not in where:
             raise ValueError(f"the checkpoint has optimizer state for parameter index {key!r}, which none of "
                              "its param groups lists")

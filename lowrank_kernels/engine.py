@@ -580,10 +580,13 @@ def _run_bucket_torch(side: Optional[str], bucket: list, device: Optional[tuple]
         M = [pr.state["exp_avg"] for pr in probs]
         V = [pr.state["exp_avg_sq"] for pr in probs]
         R = _project(side, probs)
+        # A 0-dim float64 tensor times a 0-dim moment (a 0-D parameter) is no scalar to type promotion: the
+        # product is computed in float64 and rounded once, an ulp off the reference's fp32 product.
+        by = float if scalar is _cpu_scalar and any(m.dim() == 0 for m in M) else scalar
         # reference.adam_normalize
-        torch._foreach_mul_(M, scalar(beta1))
+        torch._foreach_mul_(M, by(beta1))
         torch._foreach_add_(M, R, alpha=1.0 - beta1)
-        torch._foreach_mul_(V, scalar(beta2))
+        torch._foreach_mul_(V, by(beta2))
         torch._foreach_addcmul_(V, R, R, value=1.0 - beta2)
         # reference.adam_normalize's eps rule: N in fp32 from the moments as stored, rounded once
         if M[0].dtype != torch.float32:

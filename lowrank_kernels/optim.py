@@ -185,6 +185,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         seed=seed, check_finite=check_finite)
+        # The arguments first, as torch.optim does: a bad lr or betas is reported as such whatever params is
+        # (torch's own error inputs, common_optimizers.py, pass params=None with them).
+        check_hyperparameters(dict(defaults))
         super().__init__(params, defaults)
 
     # ---- pickling and deepcopy ------------------------------------------------------------------------

@@ -24,6 +24,9 @@ __all__ = ["check_hyperparameters", "check_loaded_entry", "check_projectable", "
            "expected_side", "fill_defaults", "is_int", "is_real", "stored_side"]
 
 
+UNSUPPORTED_TORCH_FLAGS = ("maximize", "amsgrad", "capturable", "differentiable", "fused")
+
+
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -76,6 +79,13 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid epsilon value: {eps!r} (must be a finite number >= 0)")
     if not is_real(wd) or wd < 0.0:
         raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a finite number >= 0)")
+    # torch.optim's per-group flags change the update (maximize, amsgrad) or promise an implementation
+    # (capturable, differentiable, fused) this optimizer does not have; set in a group they were silently
+    # ignored (a maximize=True group minimised). False is what we do, so it passes; foreach is only a speed hint.
+    for key in UNSUPPORTED_TORCH_FLAGS:
+        if group.get(key):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (GaLoreAdamW has no {key}; torch.optim's flag is "
+                             f"not supported{'; negate the loss instead' if key == 'maximize' else ''})")
     for key in ("correct_bias", "check_finite"):
         if key in group and not isinstance(group[key], bool):
             raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
