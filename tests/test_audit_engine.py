@@ -1,0 +1,399 @@
+"""An outside audit of the whole-model fused step (engine.py + the grouped kernels), beyond test_engine*.py:
+
+* launches per ordinary step at depths 2, 5 and 9 for every option family (update rules, int8 moments,
+  random/dct/warm/rsvd-energy bases, proj_type full, no weight decay, bf16, a mixed fp32+bf16 model), and
+  the ops that touch floating-point data outside the kernels: independent of depth, <= 12 for one dtype;
+* no host read of a tensor value (_local_scalar_dense) in an ordinary step in device-scalar mode, on both
+  backends, layer-wise, right after load_state_dict, after deepcopy, after add_param_group, under an LR
+  scheduler and with a tensor lr;
+* grouped tables built once, rebuilt only when a tensor they point at changes shape (energy rank change,
+  add_param_group, load_state_dict), never at an ordinary step or a refresh that keeps the ranks;
+* batched rsvd refreshes: a weight's basis equals the single call with its own seed, whatever shares
+  its batch (a same-shaped neighbour added or taken away);
+* checkpoints taken mid-run resume bit-exactly on each backend and across backends;
+* layer-wise steps with gradient accumulation equal whole-model steps, bit for bit, per option family;
+* a model mixing orientations, ranks that change at refreshes, fp32/bf16/fp16, contiguous conv weights,
+  frozen parameters and parameters without gradients against backend torch across 4 refreshes.
+
+All under TRITON_INTERPRET=1 on CPU (conftest.py), small odd shapes (no multiple of a block size).
+"""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+import test_engine as te  # noqa: E402
+from helpers import linear_stack  # noqa: E402
+from test_kernels import assert_change_matches, assert_moment_matches, rel_err  # noqa: E402
+
+from lowrank_kernels import GaLoreAdamW, engine, projection  # noqa: E402
+from lowrank_kernels.layerwise import LayerwiseUpdates  # noqa: E402
+
+ADV, MTA, GPA, GBU = ("_advance_step_scalars_kernel", "_multi_tensor_adamw_kernel", "_grouped_project_adam_kernel",
+                      "_grouped_backproject_update_kernel")
+GRS, INT8 = "_grouped_rule_scales_kernel", "_grouped_int8_adam_kernel"
+
+
+def grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ---- launches per ordinary step ---------------------------------------------------------------------------
+class CountOnly:
+    """Counts triton launches by kernel name WITHOUT running them (only how many launches a step makes is
+    measured here, so depth 9 costs nothing under the interpreter)."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+        self.counts = counts = {}
+
+        def run(kernel, *args, **kwargs):
+            counts[kernel.fn.__name__] = counts.get(kernel.fn.__name__, 0) + 1
+        for cls in (JITFunction, InterpretedFunction):
+            monkeypatch.setattr(cls, "run", run)
+
+
+class FloatOps(te.TorchDispatchMode):
+    """Counts aten ops that read or write floating-point data (not meta tensors, not the int64 host
+    tables): on a GPU these would be launches or copies besides the triton kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" for t in leaves):
+            self.count += 1
+        return out
+
+
+FAMILIES = {
+    "galore": {}, "fira": dict(update="fira"), "frugal": dict(update="frugal"), "apollo": dict(update="apollo"),
+    "apollo-mini": dict(update="apollo-mini", rank=1), "int8": dict(state_dtype="int8"),
+    "random": dict(projector="random"), "dct": dict(projector="dct"), "warm": dict(projector="warm"),
+    "rsvd-energy": dict(projector="rsvd", rank_policy="energy", energy_threshold=0.5),
+    "full": dict(proj_type="full"), "no-decay": {}, "bf16": {}, "fp32+bf16": {},
+}
+
+
+def family_stack(family, depth, backend="triton"):
+    options = FAMILIES[family]
+    projected = {"rank": 3, "update_proj_gap": 50, **options}
+    plain = {"state_dtype": "int8"} if options.get("state_dtype") == "int8" else None
+    model, opt = linear_stack(backend, depth=depth, projected=projected, plain=plain,
+                              weight_decay=0.0 if family == "no-decay" else 0.01)
+    if family == "bf16":
+        model.to(torch.bfloat16)
+    elif family == "fp32+bf16":
+        for i, layer in enumerate(model):
+            if i % 2:
+                layer.to(torch.bfloat16)
+    return model, opt
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_launches_per_ordinary_step_do_not_depend_on_depth(monkeypatch, family):
+    """linear_stack's weights come in 4 shapes (29x13 and 40x29 right-projected, 29x40 and 7x29 left), each
+    its own tile config, so B = 4 projected buckets per dtype at any depth (``_tile_configs`` keeps a
+    problem's rounding the same in every launch: see engine's docstring). Per ordinary step: 1 launch of
+    the device scalars, 2 per projected bucket (+1 for the limiting rules' scales), 1 multi-tensor AdamW
+    per dtype (int8: one int8 launch per bucket instead), full projections 4 triton launches (+ a zero_).
+    Measured: galore/frugal/random/dct/warm/rsvd-energy/no-decay/bf16 10, fira/apollo/apollo-mini 14,
+    int8 14, full 18, fp32+bf16 11."""
+    counts, float_ops = {}, {}
+    for depth in (2, 5, 9):
+        model, opt = family_stack(family, depth)
+        opt._fused_scalars = True  # the one-launch advance, as on CUDA
+        counter = CountOnly(monkeypatch)
+        for seed in range(2):  # the refresh step, then the step where a limiter first has a norm
+            grads(model, seed)
+            opt.step()
+        grads(model, 7)
+        assert not opt.refresh_due()
+        builds = opt._engine().table_builds
+        counter.counts.clear()
+        with FloatOps() as ops:
+            opt.step()
+        monkeypatch.undo()
+        assert opt._engine().table_builds == builds, "an ordinary step rebuilt a table"
+        counts[depth], float_ops[depth] = counter.counts, ops.count
+    assert counts[2] == counts[5] == counts[9], counts
+    assert float_ops[2] == float_ops[5] == float_ops[9], float_ops
+    got = counts[2]
+    buckets = 4
+    if family in ("fira", "apollo", "apollo-mini"):
+        expected = {ADV: 1, MTA: 1, GPA: buckets, GRS: buckets, GBU: buckets}
+    elif family == "int8":
+        expected = {ADV: 1, INT8: buckets + 1, GPA: buckets, GBU: buckets}
+    elif family == "full":
+        expected = {ADV: 1, MTA: 1, GPA: 2 * buckets, GBU: 2 * buckets}
+    elif family == "fp32+bf16":  # fp32 layers 29x13, 29x40; bf16 layers 40x29, 7x29: still 4 buckets
+        expected = {ADV: 1, MTA: 2, GPA: buckets, GBU: buckets}
+    else:
+        expected = {ADV: 1, MTA: 1, GPA: buckets, GBU: buckets}
+    assert got == expected, got
+    if family in ("galore", "bf16", "no-decay", "random", "dct", "warm", "rsvd-energy"):
+        assert sum(got.values()) <= 12
+
+
+# ---- no host read in an ordinary step ---------------------------------------------------------------------
+def _small(backend, options=None, lr=1e-2, depth=1):
+    model, opt = linear_stack(backend, depth=depth, projected={"rank": 3, "update_proj_gap": 5, **(options or {})},
+                              plain={"state_dtype": "int8"} if (options or {}).get("state_dtype") == "int8" else None,
+                              lr=lr)
+    opt._device_scalars = True
+    return model, opt
+
+
+def _whole(model, opt):
+    opt.step()
+
+
+def _layerwise(model, opt):
+    for p in reversed(list(model.parameters())):
+        opt.step_param(p)
+
+
+def _after_load(model, opt, backend, options):
+    checkpoint = roundtrip({"model": model.state_dict(), "optim": opt.state_dict()})
+    model, opt = _small(backend, options)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optim"])
+    return model, opt, _whole
+
+
+def _after_deepcopy(model, opt, backend, options):
+    pair = copy.deepcopy((model, opt))  # one memo: the copy's optimizer steps the copy's parameters
+    return pair[0], pair[1], _whole
+
+
+def _after_add_param_group(model, opt, backend, options):
+    extra = nn.Linear(11, 5)  # a new projected weight and a new plain bias
+    model.append(extra)
+    opt.add_param_group({"params": [extra.bias]})
+    opt.add_param_group({"params": [extra.weight], "rank": 2, "update_proj_gap": 5, **options})
+    grads(extra, 3)
+    opt.step()  # the new weight's first step refreshes its basis (may read); the next one is ordinary
+    return model, opt, _whole
+
+
+def _under_scheduler(model, opt, backend, options):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched.step()
+    return model, opt, lambda m, o: (o.step(), sched.step())
+
+
+def _layerwise_accumulating(model, opt, backend, options):
+    return model, opt, _layerwise
+
+
+SCENARIOS = {"step": None, "layerwise": _layerwise_accumulating, "load_state_dict": _after_load,
+             "deepcopy": _after_deepcopy, "add_param_group": _after_add_param_group, "scheduler": _under_scheduler}
+
+
+def _assert_ordinary_steps_read_nothing(model, opt, stepper, steps=2, seed=10):
+    for k in range(steps):
+        grads(model, seed + k)
+        assert not opt.refresh_due()
+        with te.Recorder() as seen:
+            stepper(model, opt)
+        assert not seen.syncs, f"host read in an ordinary step: {seen.syncs}"
+
+
+@pytest.mark.parametrize("backend,options", [("torch", {}), ("triton", {}), ("triton", {"update": "fira"}),
+                                             ("triton", {"state_dtype": "int8"}), ("triton", {"projector": "dct"})],
+                         ids=["torch", "triton", "triton-fira", "triton-int8", "triton-dct"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_ordinary_steps_read_no_tensor_value(backend, options, scenario):
+    """Device-scalar mode: no _local_scalar_dense and no device-to-host copy (test_engine.Recorder)."""
+    model, opt = _small(backend, options)
+    grads(model, 0)
+    opt.step()  # the refresh
+    grads(model, 1)
+    opt.step()  # a limiting rule's first step with a previous norm (a table flag flips)
+    stepper = _whole
+    if SCENARIOS[scenario] is not None:
+        model, opt, stepper = SCENARIOS[scenario](model, opt, backend, options)
+    before = [p.detach().clone() for p in model.parameters()]
+    _assert_ordinary_steps_read_nothing(model, opt, stepper)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "some parameter never moved"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant", "scheduler"])
+def test_tensor_lr_ordinary_steps_read_no_tensor_value(backend, scheduled):
+    """A 1-element tensor lr: an ordinary step does not read it on the host while it is unchanged, and reads
+    it once when a scheduler changed it (validation checks the value); the run equals the float-lr run."""
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    model, opt = _small(backend, lr=lr)
+    ref_model, ref = _small(backend, lr=1e-2)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, 0.5) for o in (opt, ref)] if scheduled else []
+    for k in range(4):  # refresh at step 0, then ordinary steps
+        for m, o in ((model, opt), (ref_model, ref)):
+            grads(m, k)
+            due = o.refresh_due()
+            with te.Recorder() as seen:
+                o.step()
+            # unchanged: no read at all; changed in place by the scheduler: read once (not once per group
+            # and parameter: 10 reads here before validation.lr_value), the host value the checks need
+            allowed = 1 if scheduled and o is opt else 0
+            assert due or len(seen.syncs) <= allowed, f"host reads in an ordinary step (step {k}): {seen.syncs}"
+        for s in scheds:
+            s.step()
+    assert opt.param_groups[0]["lr"] is lr
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+# ---- grouped tables: built once, rebuilt only when a tensor they point at changes -------------------------
+@pytest.mark.parametrize("options", [{}, {"update": "fira", "moments_on_refresh": "rotate"},
+                                     {"state_dtype": "int8", "moments_on_refresh": "zero"},
+                                     {"projector": "random"}, {"projector": "dct"}, {"proj_type": "full"}],
+                         ids=["galore", "fira-rotate", "int8-zero", "random", "dct", "full"])
+def test_tables_are_rebuilt_only_on_shape_changes(options):
+    model, opt = _small("triton", options)
+    eng = opt._engine()
+    grads(model, 0)
+    opt.step()  # first step: every bucket's tables are built
+    built = eng.table_builds
+    assert built >= 2
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.7)
+    for k in range(1, 11):  # refreshes before steps 5 and 10: fixed ranks, so every tensor keeps its storage
+        if k == 5:
+            opt.param_groups[1]["betas"] = (0.8, 0.99)  # a hyperparameter edit rewrites tables in place
+        grads(model, k)
+        opt.step()
+        sched.step()
+        assert eng.table_builds == built, f"step {k}: tables rebuilt ({eng.table_builds - built})"
+    assert opt.state[model[0].weight]["refreshes"] == 3
+    # load_state_dict: new state tensors, so every bucket once more
+    opt.load_state_dict(roundtrip(opt.state_dict()))
+    grads(model, 20)
+    opt.step()
+    assert eng.table_builds == 2 * built
+    # add_param_group: the buckets' composition changes
+    extra = nn.Linear(11, 5)
+    model.append(extra)
+    opt.add_param_group({"params": [extra.weight, extra.bias]})
+    grads(model, 21)
+    opt.step()
+    after_add = eng.table_builds
+    assert after_add > 2 * built
+    grads(model, 22)
+    opt.step()
+    assert eng.table_builds == after_add
+
+
+def test_tables_rebuild_when_an_energy_refresh_changes_a_rank():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(23, 11) * 0.1)
+    b = nn.Parameter(torch.randn(11) * 0.1)
+    opt = GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 6, "update_proj_gap": 2, "rank_policy": "energy",
+                                          "energy_threshold": 0.3}], lr=1e-2, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    eng, history = opt._engine(), []
+    for k in range(8):  # refreshes before steps 0, 2, 4, 6 with gradients of rank 1, 5, 1, 5
+        r = 1 if k % 4 < 2 else 5
+        w.grad = torch.randn(23, r, generator=g) @ torch.randn(r, 11, generator=g)
+        b.grad = torch.randn(11, generator=g)
+        before = eng.table_builds
+        opt.step()
+        history.append((opt.state[w]["rank"], eng.table_builds - before))
+    ranks = [r for r, _ in history]
+    assert len(set(ranks)) > 1, ranks
+    for k, (rank, rebuilt) in enumerate(history):
+        if k == 0:
+            assert rebuilt == 2
+        elif k % 2 or rank == history[k - 1][0]:
+            assert rebuilt == 0, history  # ordinary step, or a refresh that kept the rank
+        else:
+            assert rebuilt == 1, history  # the projected bucket only
+
+
+# ---- batched rsvd refreshes ---------------------------------------------------------------------------------
+def _rsvd_bases(neighbour_shape, spy_calls, monkeypatch, backend="torch"):
+    """Three weights in one group; the middle one's shape decides whether it shares the rsvd batch. The
+    positions (and so the seeds) of the first and the last weight do not change."""
+    g = torch.Generator().manual_seed(0)
+    ws = [nn.Parameter(torch.randn(*s, generator=g) * 0.1) for s in ((19, 7), neighbour_shape, (19, 7))]
+    opt = GaLoreAdamW([{"params": ws, "rank": 3, "update_proj_gap": 2, "projector": "rsvd"}], lr=1e-2,
+                      seed=5, backend=backend)
+    original = engine.rsvd_batched
+
+    def spy(mats, k, seeds):
+        spy_calls.append((len(mats), tuple(mats[0].shape)))
+        return original(mats, k, seeds)
+
+    monkeypatch.setattr(engine, "rsvd_batched", spy)
+    bases = []
+    for step in range(3):  # refreshes before steps 0 and 2
+        gg = torch.Generator().manual_seed(100 + step)
+        for w in (ws[0], ws[2]):
+            w.grad = torch.randn(w.shape, generator=gg)
+        ws[1].grad = torch.randn(ws[1].shape, generator=torch.Generator().manual_seed(999 + step))
+        opt.step()
+        if step != 1:
+            bases.append([opt.state[ws[i]]["proj_right"].clone() for i in (0, 2)])
+    monkeypatch.undo()
+    return bases, ws, opt
+
+
+def test_batched_rsvd_basis_does_not_depend_on_its_batch_neighbours(monkeypatch):
+    calls_shared, calls_apart = [], []
+    shared, ws, opt = _rsvd_bases((19, 7), calls_shared, monkeypatch)
+    apart, _, _ = _rsvd_bases((17, 7), calls_apart, monkeypatch)
+    assert (3, (19, 7)) in calls_shared and (2, (19, 7)) in calls_apart  # one batched call per shape
+    for a, b in zip(shared, apart):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    # and each equals the single-weight rsvd with its own seed (the last refresh: count 1)
+    positions = opt._positions()
+    for i, w in ((0, ws[0]), (1, ws[2])):
+        seed = projection.refresh_seed(5, positions[w][2], 1)
+        gg = torch.Generator().manual_seed(102)
+        G = [torch.randn(19, 7, generator=gg) for _ in range(2)][i]
+        U, S, V = projection.BASIS_SOURCES["rsvd"](G, 3, seed, None, None)
+        single = projection.compute_basis(G, "right", opt.param_groups[0], seed, {}, (U, S, V))
+        assert torch.equal(single["proj_right"], shared[1][i])
+    assert not torch.equal(shared[1][0], shared[1][1])  # different seeds, different gradients: different bases
+
+
+def test_batched_rsvd_refresh_is_one_call_with_a_seed_tensor(monkeypatch):
+    """The op sees ONE call per shape with a 1-D int64 tensor of per-element seeds."""
+    import lowrank_kernels.linalg as linalg
+    seen = []
+    original = engine.rsvd
+
+    def spy(A, k, **kwargs):
+        seen.append((tuple(A.shape), kwargs.get("seed")))
+        return original(A, k, **kwargs)
+
+    monkeypatch.setattr(engine, "rsvd", spy)
+    g = torch.Generator().manual_seed(0)
+    ws = [nn.Parameter(torch.randn(13, 9, generator=g)) for _ in range(5)]
+    opt = GaLoreAdamW([{"params": ws, "rank": 2, "projector": "rsvd"}], lr=1e-2, backend="triton")
+    for w in ws:
+        w.grad = torch.randn(w.shape, generator=g)
+    opt.step()
+    assert len(seen) == 1 and seen[0][0] == (5, 13, 9), seen
+    seeds = seen[0][1]
+    assert torch.is_tensor(seeds) and seeds.dtype == torch.int64 and seeds.shape == (5,)
+    assert len(set(seeds.tolist())) == 5
+    assert linalg is not None
