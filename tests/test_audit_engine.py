@@ -32,6 +32,7 @@ from test_kernels import assert_change_matches, assert_moment_matches, rel_err  
 
 from lowrank_kernels import GaLoreAdamW, engine, projection  # noqa: E402
 from lowrank_kernels.layerwise import LayerwiseUpdates  # noqa: E402
+from test_grouped_kernels import LaunchCounter as te_launches  # noqa: E402
 
 ADV, MTA, GPA, GBU = ("_advance_step_scalars_kernel", "_multi_tensor_adamw_kernel", "_grouped_project_adam_kernel",
                       "_grouped_backproject_update_kernel")
@@ -196,7 +197,6 @@ def _after_add_param_group(model, opt, backend, options):
 
 def _under_scheduler(model, opt, backend, options):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
-    sched.step()
     return model, opt, lambda m, o: (o.step(), sched.step())
 
 
@@ -397,3 +397,218 @@ def test_batched_rsvd_refresh_is_one_call_with_a_seed_tensor(monkeypatch):
     assert torch.is_tensor(seeds) and seeds.dtype == torch.int64 and seeds.shape == (5,)
     assert len(set(seeds.tolist())) == 5
     assert linalg is not None
+
+
+# ---- checkpoints mid-run ------------------------------------------------------------------------------------
+def lowrank_grads(model, step, seed=0):
+    """Gradients of rank 1..3 varying with the step (so energy ranks change), drawn apart from the weights."""
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    for p in model.parameters():
+        if p.dim() >= 2:
+            m, n = projection.matrix_shape(p.shape)
+            k = 1 + (step + m) % 3
+            G = torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g) + 0.01 * torch.randn(m, n, generator=g)
+        else:
+            G = torch.randn(p.shape, generator=g)
+        p.grad = G.reshape(p.shape).to(p.dtype)
+
+
+CKPT_CASES = {  # (projected options, checkpoint after this many steps, steps in all); refreshes every 2 steps
+    "between-refreshes": ({}, 3, 6),
+    "before-a-refresh": ({"projector": "rsvd"}, 4, 6),
+    "energy-ranks-changed": ({"projector": "rsvd", "rank_policy": "energy", "energy_threshold": 0.1,
+                              "moments_on_refresh": "rotate"}, 4, 7),
+    "int8": ({"state_dtype": "int8", "update": "galore"}, 3, 6),
+    "lazy-mid-growth": ({"refresh_policy": "lazy", "similarity_threshold": 0.0, "patience": 1}, 4, 8),
+    "fira": ({"update": "fira"}, 3, 5),
+}
+
+
+def _ckpt_stack(backend, options):
+    return linear_stack(backend, depth=1, projected={"rank": 3, "update_proj_gap": 2, **options},
+                        plain={"state_dtype": "int8"} if options.get("state_dtype") == "int8" else None, seed=3)
+
+
+def _assert_same_run(model_a, opt_a, model_b, opt_b):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), name
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            if torch.is_tensor(sa[key]):
+                assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), (name, key)
+            else:
+                assert sa[key] == sb[key], (name, key)
+
+
+# every case on each backend; across backends (both ways) the two whose state differs most from galore's
+CKPT_RUNS = ([(case, (b, b)) for case in CKPT_CASES for b in ("torch", "triton")]
+             + [(case, b) for case in ("energy-ranks-changed", "int8") for b in (("triton", "torch"), ("torch", "triton"))])
+
+
+@pytest.mark.parametrize("case,backends", CKPT_RUNS, ids=[f"{c}-{'->'.join(b)}" for c, b in CKPT_RUNS])
+def test_checkpoint_mid_run_resumes_bit_exactly(case, backends):
+    """Saved after ``stop`` steps on backends[0], loaded into a fresh model and optimizer on backends[1]:
+    equals the uninterrupted run that switches backend at the same step, bit for bit."""
+    options, stop, steps = CKPT_CASES[case]
+    full_model, full = _ckpt_stack(backends[0], options)
+    ranks = set()
+    for k in range(steps):
+        if k == stop:
+            full.backend = backends[1]
+        lowrank_grads(full_model, k)
+        full.step()
+        ranks.add(full.state[full_model[0].weight]["rank"])
+    model, opt = _ckpt_stack(backends[0], options)
+    for k in range(stop):
+        lowrank_grads(model, k)
+        opt.step()
+    checkpoint = roundtrip({"model": model.state_dict(), "optim": opt.state_dict()})
+    resumed_model, resumed = _ckpt_stack(backends[1], options)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optim"])
+    for k in range(stop, steps):
+        lowrank_grads(resumed_model, k)
+        resumed.step()
+    _assert_same_run(full_model, full, resumed_model, resumed)
+    state = full.state[full_model[0].weight]
+    if case == "energy-ranks-changed":
+        assert len(ranks) > 1, ranks
+    if case == "lazy-mid-growth":
+        assert state["refreshes"] == 3 and state.get("last_refresh") == 6, state.keys()
+    if case == "int8":
+        assert state["exp_avg"].dtype == torch.uint8
+
+
+# ---- layer-wise steps with gradient accumulation ---------------------------------------------------------
+LAYERWISE_FAMILIES = ["fira", "frugal", "apollo-mini", "int8", "dct", "full", "rsvd-energy", "fp32+bf16"]
+
+
+@pytest.mark.parametrize("family", LAYERWISE_FAMILIES)
+def test_layerwise_with_accumulation_is_bit_identical_to_the_whole_model_step(family):
+    """LayerwiseUpdates(accumulation_steps=2) inside backward against backward twice, step(), zero_grad():
+    3 optimizer steps with refreshes before the first and the third (gap 2), backend triton."""
+    def build():
+        model, opt = family_stack(family, 1)
+        for group in opt.param_groups:
+            if "rank" in group:
+                group["update_proj_gap"] = 2
+        return model, opt
+
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(9, 13, generator=g), torch.randn(9, 7, generator=g)) for _ in range(6)]
+
+    def loss(model, x, y):
+        dtype = model[0].weight.dtype
+        out = x.to(dtype)
+        for layer in model:
+            out = layer(out.to(layer.weight.dtype))
+        return nn.functional.mse_loss(out.float(), y) / 2
+
+    ref_model, ref = build()
+    for i, (x, y) in enumerate(data):
+        loss(ref_model, x, y).backward()
+        if i % 2:
+            ref.step()
+            ref.zero_grad()
+    model, opt = build()
+    with LayerwiseUpdates(opt, accumulation_steps=2) as lw:
+        for x, y in data:
+            lw.backward(loss(model, x, y))
+    start = family_stack(family, 1)[0]
+    for a, w0 in zip(ref_model.parameters(), start.parameters()):
+        assert not torch.equal(a, w0)
+    _assert_same_run(ref_model, ref, model, opt)
+    assert ref.state[ref_model[0].weight]["refreshes"] == 2
+
+
+# ---- a mixed model against backend torch across refreshes with rank changes --------------------------------
+def mixed_model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def P(*shape, dtype=torch.float32, grad=True):
+        return nn.Parameter((torch.randn(*shape, generator=g) * 0.1).to(dtype), requires_grad=grad)
+
+    return {
+        "conv32": P(8, 3, 3, 3), "conv16b": P(6, 4, 3, 3, dtype=torch.bfloat16),  # contiguous: grouped
+        "tall16": P(21, 9, dtype=torch.float16), "wide16": P(9, 23, dtype=torch.float16),
+        "left16b": P(17, 11, dtype=torch.bfloat16), "square": P(15, 15), "sometimes": P(19, 5),
+        "frozen": P(13, 7, grad=False), "bias32": P(11), "bias16b": P(7, dtype=torch.bfloat16),
+        "bias16": P(5, dtype=torch.float16),
+    }
+
+
+def mixed_optimizer(ps, backend):
+    common = dict(update_proj_gap=2, scale=0.5)
+    energy = dict(rank_policy="energy", energy_threshold=0.15, projector="rsvd", moments_on_refresh="rotate")
+    return GaLoreAdamW([
+        {"params": [ps["bias32"], ps["bias16b"], ps["bias16"]]},
+        {"params": [ps["conv32"], ps["square"]], "rank": 5, **energy, **common},
+        {"params": [ps["conv16b"]], "rank": 2, **common},
+        {"params": [ps["tall16"]], "rank": 4, **energy, **common},
+        {"params": [ps["wide16"]], "rank": 3, "proj_type": "reverse_std", "state_dtype": "float32", **common},
+        {"params": [ps["left16b"]], "rank": 3, "proj_type": "left", "update": "fira", **common},
+        {"params": [ps["sometimes"], ps["frozen"]], "rank": 2, "proj_type": "right", **common},
+    ], lr=2e-2, weight_decay=0.05, seed=11, backend=backend)
+
+
+def mixed_grads(ps, step):
+    g = torch.Generator().manual_seed(500 + step)
+    for name, p in ps.items():
+        if not p.requires_grad or (name == "sometimes" and step % 3 == 1):
+            p.grad = None
+            continue
+        if p.dim() >= 2:
+            m, n = projection.matrix_shape(p.shape)
+            k = 1 + (step * 2 + m) % 4
+            G = torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g) + 0.02 * torch.randn(m, n, generator=g)
+        else:
+            G = torch.randn(p.shape, generator=g)
+        p.grad = G.reshape(p.shape).to(p.dtype)
+
+
+def test_mixed_model_follows_backend_torch_across_refreshes_with_rank_changes(monkeypatch):
+    """7 steps, refreshes before steps 0, 2, 4, 6. Tolerances are the per-parameter kernels' (test_kernels'
+    helpers, derived in tests/test_engine_triton.py's docstring): fp32 elementwise rtol 1e-5 / atol 1e-6 x
+    the largest magnitude (same math, another GEMM summation order and one more rounding in the step
+    size); 16-bit norm-wise on W_T - W_0 (bf16 12%, fp16 3%) and on the moments (bf16 2%, fp16 0.3%), since
+    the reference rounds to the low dtype after every operation and the kernels once per stored value.
+    Bases and ranks come from the gradients alone, so they must be EQUAL on both backends."""
+    start = {n: p.detach().clone() for n, p in mixed_model().items()}
+    runs = {}
+    for backend in ("torch", "triton"):
+        ps = mixed_model()
+        opt = mixed_optimizer(ps, backend)
+        ranks = []
+        stepped_alone = []  # what took the per-parameter reference instead of the buckets
+        original = opt._step_param
+        monkeypatch.setattr(opt, "_step_param", lambda group, p, *a: (stepped_alone.append(p), original(group, p, *a)))
+        counter = te_launches(monkeypatch) if backend == "triton" else None
+        for step in range(7):
+            mixed_grads(ps, step)
+            opt.step()
+            ranks.append((opt.state[ps["conv32"]]["rank"], opt.state[ps["square"]]["rank"],
+                          opt.state[ps["tall16"]]["rank"]))
+        monkeypatch.undo()
+        if counter is not None:  # backend torch steps the rules (fira) per parameter, by design
+            assert not stepped_alone  # every parameter in grouped launches, contiguous conv weights included
+            assert set(counter.counts) == {MTA, GPA, GBU, GRS}, counter.counts
+        runs[backend] = (ps, opt, ranks)
+    (ps_ref, ref, ranks_ref), (ps, opt, ranks) = runs["torch"], runs["triton"]
+    assert ranks == ranks_ref and len(set(ranks)) > 1, ranks
+    assert ps["frozen"].grad is None and not opt.state.get(ps["frozen"]) and torch.equal(ps["frozen"], start["frozen"])
+    assert opt.state[ps["square"]]["refreshes"] == 4 and opt.state[ps["sometimes"]]["step"] == 5
+    for name, p in ps.items():
+        if name == "frozen":
+            continue
+        p_ref, w0 = ps_ref[name].detach(), start[name]
+        assert rel_err(p_ref, w0) > 1e-2, f"{name}: the reference barely moved; vacuous"
+        assert_change_matches(p.detach(), p_ref, w0, name)
+        s, s_ref = opt.state[p], ref.state[ps_ref[name]]
+        assert s.keys() == s_ref.keys() and s["step"] == s_ref["step"], name
+        for key in ("proj_left", "proj_right"):
+            if key in s:
+                assert torch.equal(s[key], s_ref[key]), (name, key)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert s[key].dtype == s_ref[key].dtype
+            assert_moment_matches(s[key], s_ref[key], f"{name}: {key}", p.dtype)
