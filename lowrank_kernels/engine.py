@@ -316,7 +316,11 @@ class StepEngine:
         factors = {}
         batches = defaultdict(list)
         for pr in refreshing:
-            if pr.group["projector"] == "rsvd":
+            # "warm" without a previous basis (its first refresh, or after a restart) IS rsvd
+            # (projection._warm_source): batched too, instead of one rsvd call per weight.
+            projector = pr.group["projector"]
+            if projector == "rsvd" or (projector == "warm" and not any(
+                    key in pr.state for key in BASIS_KEYS + projection.COMPACT_KEYS)):
                 g = pr.grad
                 batches[(tuple(g.shape), g.dtype, g.device, projection.max_rank(pr.group))].append(pr)
         for (_, _, _, k), prs in batches.items():

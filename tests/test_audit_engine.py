@@ -612,3 +612,42 @@ def test_mixed_model_follows_backend_torch_across_refreshes_with_rank_changes(mo
         for key in ("exp_avg", "exp_avg_sq"):
             assert s[key].dtype == s_ref[key].dtype
             assert_moment_matches(s[key], s_ref[key], f"{name}: {key}", p.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_warm_first_refresh_is_one_batched_rsvd_call(monkeypatch, backend):
+    """projector="warm" starts with rsvd (no previous basis): the first refresh of same-shaped weights is
+    one batched call like projector="rsvd"'s, and its bases equal the per-weight (layer-wise) ones bit for
+    bit; later refreshes refine the previous basis and call no rsvd."""
+    seen = []
+    original = engine.rsvd
+
+    def spy(A, k, **kwargs):
+        seen.append(tuple(A.shape))
+        return original(A, k, **kwargs)
+
+    def build():
+        g = torch.Generator().manual_seed(0)
+        ws = [nn.Parameter(torch.randn(13, 9, generator=g) * 0.1) for _ in range(4)]
+        return ws, GaLoreAdamW([{"params": ws, "rank": 2, "projector": "warm", "update_proj_gap": 2}], lr=1e-2,
+                               backend=backend, seed=2)
+
+    def set_grads(ws, step):
+        g = torch.Generator().manual_seed(50 + step)
+        for w in ws:
+            w.grad = torch.randn(w.shape, generator=g)
+
+    ws, opt = build()
+    lw, lw_opt = build()
+    monkeypatch.setattr(engine, "rsvd", spy)
+    monkeypatch.setattr(projection, "rsvd", spy)  # the per-weight path's op
+    for step in range(3):  # refreshes before steps 0 (rsvd) and 2 (warm)
+        seen.clear()
+        set_grads(ws, step)
+        opt.step()
+        assert seen == ([(4, 13, 9)] if step == 0 else []), (step, seen)
+        set_grads(lw, step)
+        for w in reversed(lw):
+            lw_opt.step_param(w)
+    monkeypatch.undo()
+    _assert_same_run(nn.ParameterList(ws), opt, nn.ParameterList(lw), lw_opt)
