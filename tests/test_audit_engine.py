@@ -651,3 +651,50 @@ def test_warm_first_refresh_is_one_batched_rsvd_call(monkeypatch, backend):
             lw_opt.step_param(w)
     monkeypatch.undo()
     _assert_same_run(nn.ParameterList(ws), opt, nn.ParameterList(lw), lw_opt)
+
+
+# ---- one group per layer: per-problem hyperparameters share the launches -----------------------------------
+def per_layer_groups(depth, backend):
+    """Every weight and every bias in a group of its own, each with its own lr, betas, eps, scale and decay."""
+    torch.manual_seed(0)
+    dims = [13, 29] + [40, 29] * depth + [7]
+    model = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+    groups = []
+    for i, layer in enumerate(model):
+        groups.append({"params": [layer.weight], "rank": 3, "lr": 1e-2 * (1 + i), "betas": (0.9 - 0.02 * i, 0.999),
+                       "scale": 0.25 + 0.5 * i, "weight_decay": 0.05 * (i % 2), "update_proj_gap": 2})
+        groups.insert(0, {"params": [layer.bias], "lr": 2e-3 * (1 + i), "betas": (0.8, 0.99 - 0.002 * i),
+                          "eps": 1e-8 * (i + 1), "weight_decay": 0.1 * (i % 3 == 0)})
+    return model, GaLoreAdamW(groups, backend=backend)
+
+
+def test_groups_per_layer_share_the_launches_and_their_scalar_rows(monkeypatch):
+    """Launches do not depend on depth when every parameter has a group (and hyperparameters) of its own;
+    each problem reads its own scalar row: the weights follow backend torch (fp32 bounds of test_kernels,
+    a wrong row would be an O(1) error: lrs differ by up to 6x between layers)."""
+    counts = {}
+    for depth in (2, 9):
+        model, opt = per_layer_groups(depth, "triton")
+        opt._fused_scalars = True
+        counter = CountOnly(monkeypatch)
+        for seed in range(3):
+            grads(model, seed)
+            counter.counts.clear()
+            opt.step()
+        monkeypatch.undo()
+        counts[depth] = counter.counts
+    assert counts[2] == counts[9] == {ADV: 1, MTA: 1, GPA: 4, GBU: 4}, counts
+    runs = []
+    for backend in ("torch", "triton"):
+        model, opt = per_layer_groups(1, backend)
+        start = [p.detach().clone() for p in model.parameters()]
+        for seed in range(4):  # refreshes before steps 0 and 2; an lr change at step 3
+            if seed == 3:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
+            lowrank_grads(model, seed)
+            opt.step()
+        runs.append(model)
+    for (name, a), b, w0 in zip(runs[0].named_parameters(), runs[1].parameters(), start):
+        assert rel_err(a.detach(), w0) > 1e-3, name
+        assert_change_matches(b.detach(), a.detach(), w0, name)
