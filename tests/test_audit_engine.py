@@ -698,3 +698,19 @@ def test_groups_per_layer_share_the_launches_and_their_scalar_rows(monkeypatch):
     for (name, a), b, w0 in zip(runs[0].named_parameters(), runs[1].parameters(), start):
         assert rel_err(a.detach(), w0) > 1e-3, name
         assert_change_matches(b.detach(), a.detach(), w0, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("layout", [((512, 512), (1376, 512), (512, 1376), 128),      # LLaMA 60M
+                                    ((4096, 4096), (11008, 4096), (4096, 11008), 1024)],  # LLaMA 7B
+                         ids=["60M", "7B"])
+def test_real_layouts_make_one_bucket_per_dtype_and_orientation(layout, dtype):
+    """The tiny shapes above split an orientation by tile config; at real layouts (every extent past the
+    capped tile sizes) all of a dtype's left- or right-projected weights share ONE tile config, so one
+    bucket per (dtype, orientation): 1 + 1 + 2 x 2 = 6 launches per ordinary step for a one-dtype LLaMA."""
+    *shapes, rank = layout
+    configs = {}
+    for m, n in shapes:
+        side = projection.orientation("std", m, n)
+        configs.setdefault(side, set()).add(engine._tile_configs(side, m, n, rank, dtype))
+    assert {side: len(c) for side, c in configs.items()} == {"left": 1, "right": 1}
