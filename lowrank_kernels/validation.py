@@ -69,6 +69,8 @@ def lr_value(lr) -> float:
     if _LR_VALUES is None:
         from torch.utils.weak import WeakIdKeyDictionary
         _LR_VALUES = WeakIdKeyDictionary()
+    if lr.is_inference():  # no version counter to tell a change by: read it every time
+        return lr.item()
     key = (lr._version, lr.data_ptr(), lr.dtype, lr.device)
     cached = _LR_VALUES.get(lr)
     if cached is None or cached[0] != key:
