@@ -65,6 +65,7 @@ from .backends import step_function
 from .distributed import fsdp
 from .linalg import rsvd
 from .projection import BASIS_KEYS, MOMENT_KEYS, STATE_DTYPES
+from .validation import lr_value
 
 __all__ = ["StepEngine", "SCALAR_COLUMNS", "rsvd_batched"]
 
@@ -203,7 +204,7 @@ def _hyper(group: dict) -> tuple:
     """Device columns of a problem: (lr, beta1, beta2, bias correction, scale) + the table's columns
     (SCALAR_COLUMNS; the step size, column 0, is computed on the device at every step)."""
     beta1, beta2 = group["betas"]
-    lr = float(group["lr"])
+    lr = lr_value(group["lr"])  # a tensor lr: read only when it changed (validation.lr_value)
     scale = float(group["scale"]) if "rank" in group else 1.0
     # update_rules' FRUGAL: residual_lr = lr * scale * inactive_lr_scale
     residual_lr = lr * scale * group["inactive_lr_scale"] if group.get("update") == "frugal" else 0.0
@@ -324,7 +325,11 @@ class StepEngine:
         factors = {}
         batches = defaultdict(list)
         for pr in refreshing:
-            if pr.group["projector"] == "rsvd":
+            # "warm" without a previous basis (its first refresh, or after a restart) IS rsvd
+            # (projection._warm_source): batched too, instead of one rsvd call per weight.
+            projector = pr.group["projector"]
+            if projector == "rsvd" or (projector == "warm" and not any(
+                    key in pr.state for key in BASIS_KEYS + projection.COMPACT_KEYS)):
                 g = pr.grad
                 batches[(tuple(g.shape), g.dtype, g.device, projection.max_rank(pr.group))].append(pr)
         for (_, _, _, k), prs in batches.items():
@@ -528,7 +533,7 @@ def _same_token(a: list, b: list) -> bool:
 def _host_scalars(pr: _Problem) -> dict:
     group = pr.group
     beta1, beta2 = group["betas"]
-    lr = float(group["lr"])
+    lr = lr_value(group["lr"])  # a tensor lr: read only when it changed (validation.lr_value)
     step_size = reference.adam_step_size(lr, beta1, beta2, pr.moment_step) if group["correct_bias"] else lr
     return dict(beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
                 scale=float(group["scale"]) if pr.side else 1.0, lr=lr, weight_decay=group["weight_decay"])
@@ -625,7 +630,7 @@ def _run_key(group: dict, side: Optional[str], moment_step: int, host: bool) -> 
     scale = float(group["scale"]) if side else 1.0
     if not host:
         return (beta1, beta2, group["eps"], scale, None, None, group["weight_decay"] > 0.0)
-    lr = float(group["lr"])
+    lr = lr_value(group["lr"])  # a tensor lr: read only when it changed (validation.lr_value)
     step_size = reference.adam_step_size(lr, beta1, beta2, moment_step) if group["correct_bias"] else lr
     return (beta1, beta2, group["eps"], scale, step_size, lr, group["weight_decay"])
 

@@ -54,13 +54,40 @@ def fill_defaults(group: dict, defaults: dict) -> None:
                 group.setdefault(name, value)
 
 
+_LR_VALUES = None  # tensor lr -> ((version, address, dtype, device), its float): see lr_value
+
+
+def lr_value(lr) -> float:
+    """``float(lr)`` for a Python number or a 1-element tensor lr, reading the tensor only when it changed.
+
+    An ordinary step must not read a tensor value on the host (no _local_scalar_dense: on CUDA a blocking
+    read). A tensor lr is read once, then again only when its version counter (bumped by every in-place
+    write: ``fill_``, as torch's LR schedulers do, ``copy_``, ``mul_``), its storage, dtype or device
+    changed, so validation and the step sizes see every change, and an unchanged lr costs no read.
+    (Writes through ``lr.data``, which has a counter of its own, are not seen: change the tensor itself.)
+    """
+    if not isinstance(lr, torch.Tensor):
+        return float(lr)
+    global _LR_VALUES
+    if _LR_VALUES is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+        _LR_VALUES = WeakIdKeyDictionary()
+    if lr.is_inference():  # no version counter to tell a change by: read it every time
+        return lr.item()
+    key = (lr._version, lr.data_ptr(), lr.dtype, lr.device)
+    cached = _LR_VALUES.get(lr)
+    if cached is None or cached[0] != key:
+        cached = _LR_VALUES[lr] = (key, lr.item())
+    return cached[1]
+
+
 def check_hyperparameters(group: dict) -> None:
     """Raise ValueError naming the first invalid value; shared by construction and every step."""
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        lr = lr.item()
+        lr = lr_value(lr)  # read only when it changed since the last read (no host read per step)
     if not is_real(lr) or lr < 0.0:
         raise ValueError(f"Invalid learning rate: {group['lr']!r} (must be a finite number >= 0)")
     betas = group["betas"]
