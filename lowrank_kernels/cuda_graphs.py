@@ -6,8 +6,7 @@ host) or ``opt.replay(graph)``.
 
 * **A capture counts nothing.** Capturing launches no kernel, so a captured step has not happened: the
   engine takes back the host step counts it advanced, and every ``opt.replay(graph)``, the first one too,
-  advances them by one. (Before, the capture counted as a step and the first replay had to be a raw
-  ``graph.replay()``: any other order left the host one step ahead of the device, shifting refreshes.)
+  advances them by one, so the host's counts (refresh schedule, checkpoints) follow the device's.
 * **Only device-driven steps are captured.** Steps whose scalars are host numbers (the per-parameter
   reference and kernels: rules or int8 moments the whole-model step runs per parameter, channels_last conv
   weights on backend "triton", FSDP2 shards) would freeze this step's bias correction into the graph, and

@@ -319,9 +319,8 @@ class StepEngine:
             self.capture = cuda_graphs.record(self, problems, *self._last[1:])
 
     def _refresh(self, refreshing: list) -> None:
-        if _capturing(refreshing[0].grad.device):
-            raise RuntimeError("GaLoreAdamW: a basis refresh is due and cannot run inside a CUDA graph "
-                               "capture; check opt.refresh_due() and run refresh steps eagerly")
+        if _capturing(refreshing[0].grad.device):  # (step() refuses earlier; any other caller too)
+            cuda_graphs.refuse_refresh()
         factors = {}
         batches = defaultdict(list)
         for pr in refreshing:
