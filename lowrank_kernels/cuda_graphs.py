@@ -33,11 +33,14 @@ from .projection import BASIS_KEYS, MOMENT_KEYS
 _ADDRESSED_KEYS = BASIS_KEYS + MOMENT_KEYS + quant.QUANT_KEYS + ("limiter_norm",)
 
 
+def capturing(device: torch.device) -> bool:
+    """Is the current stream of ``device`` capturing a CUDA graph?"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_groups(groups: list) -> None:
     """Before a step is planned: under capture, refuse options whose every step reads a device value on the
     host (a synchronisation, which a capture turns into a CUDA error deep inside the step)."""
-    from .engine import _capturing  # (engine imports this module)
-
     for group in groups:
         if group.get("refresh_policy") == "converged":
             why = "refresh_policy='converged' reads ||R|| on the host at every step"
@@ -45,7 +48,7 @@ def check_groups(groups: list) -> None:
             why = "check_finite=True reads whether the gradients are finite on the host at every step"
         else:
             continue
-        if group["params"] and _capturing(group["params"][0].device):
+        if group["params"] and capturing(group["params"][0].device):
             raise RuntimeError(f"GaLoreAdamW: this step cannot be captured in a CUDA graph: {why}; use "
                                "another policy (or check_finite=False) for captured steps")
 
@@ -92,15 +95,14 @@ class Capture:
         self.items: list = []   # (param, state, addresses)
         self.entries: list = [] # (device scalars entry, groups, states)
         self.grouped: list = [] # (grouped bucket, groups, captured gradients)
-
-    def param_ids(self) -> set:
-        return {id(item[0]) for item in self.items}
+        self.param_ids: set = set()  # id() of every captured parameter (refresh_due asks them all)
 
     def holds(self, p: torch.Tensor) -> bool:
-        return any(item[0] is p for item in self.items)
+        return id(p) in self.param_ids  # (items keep the parameters alive: their ids stay theirs)
 
     def add(self, engine, problems: list, entries: list, grouped: list) -> None:
         self.items += [(pr.p, pr.state, _addresses(engine, pr.p, pr.state)) for pr in problems]
+        self.param_ids.update(id(pr.p) for pr in problems)
         self.entries += entries
         self.grouped += grouped
 

@@ -133,10 +133,6 @@ def _runner(backend: str, tensor: torch.Tensor) -> str:
     return "torch" if step_function(backend, tensor) is reference.galore_step else "triton"
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _keep_storage(state: dict, old: dict) -> None:
     """Copy refreshed tensors into the previous ones where shape, dtype and strides agree.
 
@@ -218,7 +214,7 @@ def _adam_hyper(group: dict) -> tuple:
 
 
 def _no_capture(device: torch.device) -> None:
-    if _capturing(device):
+    if cuda_graphs.capturing(device):
         raise RuntimeError(
             "GaLoreAdamW: the step counts or hyperparameters changed since the last eager step, so a CUDA "
             "graph being captured would bake in a host-to-device copy; run one eager opt.step() with the "
@@ -264,7 +260,7 @@ class StepEngine:
     def step(self, opt, work: list) -> None:
         if not work:
             return
-        capturing = _capturing(work[0][1].device)
+        capturing = cuda_graphs.capturing(work[0][1].device)
         if capturing and any(item[3] for item in work):
             cuda_graphs.refuse_refresh()
         # FSDP2 shards step on their own path, in the plan's order (collectives must match); what the
@@ -319,7 +315,7 @@ class StepEngine:
             self.capture = cuda_graphs.record(self, problems, *self._last[1:])
 
     def _refresh(self, refreshing: list) -> None:
-        if _capturing(refreshing[0].grad.device):  # (step() refuses earlier; any other caller too)
+        if cuda_graphs.capturing(refreshing[0].grad.device):  # (step() refuses earlier; any other caller too)
             cuda_graphs.refuse_refresh()
         factors = {}
         batches = defaultdict(list)
@@ -790,7 +786,7 @@ class _GroupedBucket:
                 self.tables.set_has_previous(flags)
                 self.has_previous = flags
         grads = [pr.grad for pr in bucket]
-        if (_capturing(self.tables.device)
+        if (cuda_graphs.capturing(self.tables.device)
                 and tuple((g.data_ptr(), g.stride()) for g in grads) != self.tables.grad_signature):
             raise RuntimeError("GaLoreAdamW: the gradients moved since the last eager step; a CUDA graph needs "
                                "static gradients (zero_grad(set_to_none=False)) and an eager step before capture")

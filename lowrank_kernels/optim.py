@@ -459,9 +459,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         For updates inside backward (a post-accumulate-grad hook per parameter): the parameter's group
         settings, e.g. an lr set by a scheduler, apply as usual.
         """
-        if param not in self._positions(param):
+        position = self._positions(param).get(param)
+        if position is None:
             raise ValueError(f"step_param: the tensor of shape {tuple(param.shape)} is not in this optimizer")
-        cuda_graphs.check_groups([self._positions(param)[param][0]])
+        cuda_graphs.check_groups([position[0]])
         work = self._plan([param])
         if work:
             self._engine().step(self, work)
@@ -482,7 +483,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         "converged" refresh policy decides from the gradient's projection and synchronises here.
         """
         capture = self._engine().capture
-        captured = capture.param_ids() if capture is not None else ()
+        captured = capture.param_ids if capture is not None else ()
         for p, (group, _, _) in self._positions().items():
             if "rank" not in group:
                 continue

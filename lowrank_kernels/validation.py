@@ -13,6 +13,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import quant
 from .projection import (BASIS_KEYS, BASIS_SOURCES, MOMENT_KEYS, MOMENT_RULES, POLICY_DEFAULTS,
@@ -54,7 +55,7 @@ def fill_defaults(group: dict, defaults: dict) -> None:
                 group.setdefault(name, value)
 
 
-_LR_VALUES = None  # tensor lr -> ((version, address, dtype, device), its float): see lr_value
+_LR_VALUES = WeakIdKeyDictionary()  # tensor lr -> ((version, address, dtype, device), its float): lr_value
 
 
 def lr_value(lr) -> float:
@@ -68,10 +69,6 @@ def lr_value(lr) -> float:
     """
     if not isinstance(lr, torch.Tensor):
         return float(lr)
-    global _LR_VALUES
-    if _LR_VALUES is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-        _LR_VALUES = WeakIdKeyDictionary()
     if lr.is_inference():  # no version counter to tell a change by: read it every time
         return lr.item()
     key = (lr._version, lr.data_ptr(), lr.dtype, lr.device)

@@ -2,7 +2,7 @@
 
 No CPU stream can be captured, so these tests emulate one, keeping the host logic real:
 * ``emulated_capture(opt, step)`` runs ``step`` with the engine told that its stream is capturing
-  (``engine._capturing``), then writes back every value the step changed (weights, state tensors,
+  (``cuda_graphs.capturing``), then writes back every value the step changed (weights, state tensors,
   device step scalars) in place: a real capture launches nothing;
 * ``EmulatedGraph.replay()`` runs the captured step again under the same flag: the kernels run, and the
   host bookkeeping is the capture's (it counts nothing), which is what a replay does on the device.
@@ -15,19 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_kernels import GaLoreAdamW, engine
+from lowrank_kernels import GaLoreAdamW, cuda_graphs
 
 BACKENDS = ["torch", "triton"]  # "triton": the grouped kernels, under the interpreter on CPU
 
 
 @contextlib.contextmanager
 def capturing():
-    saved = engine._capturing
-    engine._capturing = lambda device: True
+    saved = cuda_graphs.capturing
+    cuda_graphs.capturing = lambda device: True
     try:
         yield
     finally:
-        engine._capturing = saved
+        cuda_graphs.capturing = saved
 
 
 def _written(opt) -> list:

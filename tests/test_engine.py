@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowrank_kernels import GaLoreAdamW, engine, projection
+from lowrank_kernels import GaLoreAdamW, cuda_graphs, engine, projection
 
 STEPS, GAP = 7, 3  # refreshes before steps 1, 4 and 7
 
@@ -315,12 +315,12 @@ def test_refresh_due_advance_and_replay():
     assert not opt.refresh_due()
     assert "step" not in opt.state[ps["bias"]]  # no gradient at step 1
     steps = {n: opt.state[p]["step"] for n, p in ps.items() if n != "bias"}
-    saved = engine._capturing
-    engine._capturing = lambda device: True  # the host logic of a capture (its kernels do run on CPU)
+    saved = cuda_graphs.capturing
+    cuda_graphs.capturing = lambda device: True  # the host logic of a capture (its kernels do run on CPU)
     try:
         opt.step()
     finally:
-        engine._capturing = saved
+        cuda_graphs.capturing = saved
     assert all(opt.state[ps[n]]["step"] == steps[n] for n in ps if n != "bias")  # the capture counted nothing
     opt.replay(graph)  # a replay of the captured ordinary step: host counters follow, for what it stepped
     assert graph.replays == 1 and all(opt.state[ps[n]]["step"] == steps[n] + 1 for n in ps if n != "bias")

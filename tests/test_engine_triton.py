@@ -36,7 +36,7 @@ import test_engine as te  # noqa: E402
 from test_grouped_kernels import GROUPED_KERNELS, LaunchCounter, ordinary_launches  # noqa: E402
 from test_kernels import assert_change_matches, assert_moment_matches, rel_err  # noqa: E402
 
-from lowrank_kernels import GaLoreAdamW, engine  # noqa: E402
+from lowrank_kernels import GaLoreAdamW, cuda_graphs, engine  # noqa: E402
 from lowrank_kernels.demo.model import GALORE_TARGETS, Llama, ModelConfig  # noqa: E402
 from lowrank_kernels.hf import galore_param_groups  # noqa: E402
 from lowrank_kernels.kernels import _tables, adamw, backproject_update, project_adam  # noqa: E402
@@ -236,7 +236,7 @@ def test_grouped_step_refuses_capture_when_a_parameter_needs_the_per_parameter_k
     opt.step()
     before = {n: p.detach().clone() for n, p in ps.items()}
     steps = {n: opt.state[p].get("step") for n, p in ps.items()}
-    monkeypatch.setattr(engine, "_capturing", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="per-parameter kernels"):
         opt.step()
     assert all(torch.equal(ps[n], before[n]) and opt.state[ps[n]].get("step") == steps[n] for n in ps)
